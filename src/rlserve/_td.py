@@ -1,0 +1,35 @@
+"""Small tensordict helpers shared by the hot paths (tensordict >= 0.14.3)."""
+from __future__ import annotations
+
+import torch
+from tensordict import TensorDict, TensorDictBase
+
+__all__ = ["TensorDict", "TensorDictBase", "new_td", "flat_leaves"]
+
+_new_unsafe = getattr(TensorDict, "_new_unsafe", None)
+
+
+def new_td(source: dict, batch_size: torch.Size, device=None) -> TensorDict:
+    """Build a TensorDict from a dict of tensors already known to be valid.
+
+    ``_new_unsafe`` skips the per-entry checks of the public constructor
+    (about 4x cheaper); the caller guarantees shapes agree with ``batch_size``.
+    """
+    if _new_unsafe is not None:
+        return _new_unsafe(source, batch_size=batch_size, device=device)
+    return TensorDict(source, batch_size=batch_size, device=device)
+
+
+def flat_leaves(td) -> dict | None:
+    """The key -> tensor dict of a flat TensorDict of dense tensors, else None.
+
+    Only plain ``TensorDict`` with no nested or non-tensor entries qualifies;
+    everything else takes the general (tensordict stack/unbind) path.
+    """
+    if type(td) is not TensorDict:
+        return None
+    d = td._tensordict
+    for v in d.values():
+        if type(v) is not torch.Tensor:
+            return None
+    return d

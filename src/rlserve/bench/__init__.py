@@ -1,0 +1,1 @@
+"""Benchmarks behind ``rlserve bench`` and the scripts in ``benchmarks/``."""

@@ -1,0 +1,126 @@
+"""Actor threads against ThreadingTransport, next to direct calls and the batched limit.
+
+Also runs torchrl's ThreadingTransport server when torchrl is importable.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+from tensordict import TensorDict
+
+from .common import print_table, run_actor_threads, seed_policy, summarize, wait_idle
+
+
+def bench_rlserve(n: int, seconds: float, max_batch: int) -> dict:
+    from rlserve import InferenceServer, ThreadingTransport
+
+    policy = seed_policy()
+    transport = ThreadingTransport()
+    with InferenceServer(policy, transport, max_batch_size=max_batch) as server:
+        client = transport.client()
+        r = run_actor_threads(client, n, seconds)
+        s = server.stats()
+    r["batch"] = s["mean_batch_size"]
+    return r
+
+
+def bench_torchrl(n: int, seconds: float, max_batch: int) -> dict | None:
+    try:
+        from torchrl.modules.inference_server import InferenceServer, ThreadingTransport
+    except ImportError:
+        return None
+    policy = seed_policy()
+    transport = ThreadingTransport()
+    server = InferenceServer(policy, transport, max_batch_size=max_batch)
+    server.start()
+    try:
+        client = transport.client()
+        r = run_actor_threads(client, n, seconds)
+    finally:
+        server.shutdown()
+    r["batch"] = float("nan")
+    return r
+
+
+def bench_direct(n: int, seconds: float) -> dict:
+    """Each actor thread calls the policy itself (no server)."""
+    policy = seed_policy()
+    lock_free = policy
+
+    def call(td):
+        with torch.no_grad():
+            return lock_free(td)
+
+    r = run_actor_threads(call, n, seconds)
+    r["batch"] = 1.0
+    return r
+
+
+def bench_batched_limit(seconds: float, max_batch: int) -> dict:
+    """One thread running the policy on pre-stacked batches: rows/s ceiling."""
+    policy = seed_policy()
+    batch = TensorDict(observation=torch.randn(max_batch, 8), batch_size=[max_batch])
+    rows = 0
+    with torch.no_grad():
+        for _ in range(50):
+            policy(batch.copy())
+        t0 = time.perf_counter()
+        while time.perf_counter() - t0 < seconds:
+            policy(batch.copy())
+            rows += max_batch
+    el = time.perf_counter() - t0
+    return {"req_s": rows / el, "p50_us": el / (rows / max_batch) * 1e6, "p99_us": float("nan"), "batch": max_batch}
+
+
+def main(argv=None) -> list[dict]:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--actors", type=int, nargs="+", default=[1, 4, 16, 64])
+    ap.add_argument("--seconds", type=float, default=2.0)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--max-batch", type=int, default=32)
+    ap.add_argument("--no-wait-idle", action="store_true")
+    a = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    import tensordict
+
+    print(f"# threads benchmark: torch {torch.__version__}, tensordict {tensordict.__version__}, "
+          f"max_batch_size={a.max_batch}, {a.seconds}s x {a.repeats} repeats, median [min-max]")
+    results: dict = {}
+    for rep in range(a.repeats):
+        if not a.no_wait_idle:
+            wait_idle()
+        for n in a.actors:
+            for name, fn in (
+                ("rlserve", lambda: bench_rlserve(n, a.seconds, a.max_batch)),
+                ("torchrl", lambda: bench_torchrl(n, a.seconds, a.max_batch)),
+                ("direct", lambda: bench_direct(n, a.seconds)),
+            ):
+                r = fn()
+                if r is not None:
+                    results.setdefault((name, n), []).append(r)
+        results.setdefault(("batched-limit", a.max_batch), []).append(bench_batched_limit(a.seconds, a.max_batch))
+    rows = []
+    for (name, n), rs in results.items():
+        rows.append({
+            "transport": name,
+            "actors": n,
+            "req/s": summarize([r["req_s"] for r in rs]),
+            "p50 us": f"{statistics.median(r['p50_us'] for r in rs):.0f}",
+            "p99 us": f"{statistics.median(r['p99_us'] for r in rs):.0f}",
+            "batch": f"{statistics.median(r['batch'] for r in rs):.1f}",
+            "_req_s": statistics.median(r["req_s"] for r in rs),
+        })
+    rows.sort(key=lambda r: (r["transport"] != "rlserve", r["transport"], r["actors"]))
+    print_table(rows, ["transport", "actors", "req/s", "p50 us", "p99 us", "batch"])
+    med = {(r["transport"], r["actors"]): r["_req_s"] for r in rows}
+    for n in a.actors:
+        if ("torchrl", n) in med:
+            print(f"rlserve / torchrl at {n} actors: {med[('rlserve', n)] / med[('torchrl', n)]:.2f}x")
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,105 @@
+"""The hot path: group requests by signature, stack them, split outputs into rows.
+
+A *signature* is what must agree for requests to be stacked together: batch
+size, keys, and each leaf's shape, dtype and device. Requests with different
+signatures go to different groups (and forward passes) so one odd request
+never breaks its neighbours.
+"""
+from __future__ import annotations
+
+import torch
+
+from ._td import TensorDict, TensorDictBase, flat_leaves, new_td
+from .errors import RequestError
+
+__all__ = ["group_by_signature", "stack_group", "split_rows", "describe_signature"]
+
+_FAST = "fast"
+_GENERAL = "general"
+
+
+def signature(td) -> tuple:
+    """Hashable signature of one request; raises RequestError if it has none."""
+    d = flat_leaves(td)
+    if d is not None:
+        return (_FAST, td.batch_size, tuple([(k, v.shape, v.dtype, v.device) for k, v in d.items()]))
+    if not isinstance(td, TensorDictBase):
+        raise RequestError(f"request must be a TensorDict, got {type(td).__name__}")
+    leaves = []
+    for k, v in td.items(include_nested=True, leaves_only=True):
+        if isinstance(v, torch.Tensor):
+            leaves.append((k, v.shape, v.dtype, v.device))
+        else:  # non-tensor data: stackable as long as the key set agrees
+            leaves.append((k, type(v).__name__))
+    return (_GENERAL, td.batch_size, tuple(leaves))
+
+
+def describe_signature(sig: tuple) -> str:
+    """Human-readable form of a signature, used in error messages."""
+    _, bs, leaves = sig
+    parts = []
+    for leaf in leaves:
+        if len(leaf) == 4:
+            k, shape, dtype, device = leaf
+            parts.append(f"{k!r}: shape={list(shape)} dtype={dtype} device={device}")
+        else:
+            parts.append(f"{leaf[0]!r}: {leaf[1]}")
+    return f"batch_size={list(bs)}, " + ", ".join(parts)
+
+
+def group_by_signature(inputs: list) -> tuple[dict, list]:
+    """Split request indices into ``{signature: [index, ...]}`` plus ``[(index, error)]``."""
+    groups: dict = {}
+    bad: list = []
+    for i, td in enumerate(inputs):
+        try:
+            sig = signature(td)
+        except RequestError as e:
+            bad.append((i, e))
+            continue
+        except Exception as e:  # a TensorDict subclass whose items() fails
+            bad.append((i, RequestError(f"request could not be inspected: {e!r}")))
+            continue
+        g = groups.get(sig)
+        if g is None:
+            groups[sig] = [i]
+        else:
+            g.append(i)
+    return groups, bad
+
+
+def stack_group(sig: tuple, tds: list) -> TensorDictBase:
+    """Stack requests that share ``sig`` into one batch along a new leading dim."""
+    if sig[0] == _FAST:
+        bs = torch.Size([len(tds), *sig[1]])
+        src = {}
+        for k in tds[0]._tensordict:
+            src[k] = torch.stack([td._tensordict[k] for td in tds])
+        return new_td(src, bs)
+    return torch.stack(tds)  # copies: the batch never aliases a request
+
+
+def split_rows(out, n: int, version_key, version: int) -> list:
+    """Split a batched output into ``n`` row TensorDicts, stamping the version.
+
+    Rows are views of the batch output, never of the callers' requests.
+    """
+    if not isinstance(out, TensorDictBase):
+        raise TypeError(f"the model returned {type(out).__name__}, expected a TensorDict")
+    if out.batch_dims == 0 or out.batch_size[0] != n:
+        raise RuntimeError(
+            f"the model returned batch_size={list(out.batch_size)} for a batch of {n} requests; "
+            "it must keep the leading batch dimension"
+        )
+    row_bs = out.batch_size[1:]
+    d = flat_leaves(out)
+    if d is None:
+        if version_key is not None:
+            out.set(version_key, torch.full(out.batch_size, version, dtype=torch.int64))
+        return list(out.unbind(0))
+    keys = list(d)
+    cols = [v.unbind(0) for v in d.values()]
+    if version_key is not None:
+        keys.append(version_key)
+        cols.append(torch.full(out.batch_size, version, dtype=torch.int64).unbind(0))
+    return [new_td(dict(zip(keys, row)), row_bs) for row in zip(*cols)]

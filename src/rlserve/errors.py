@@ -1,0 +1,22 @@
+"""Exceptions raised by rlserve. All derive from :class:`RLServeError`."""
+from __future__ import annotations
+
+
+class RLServeError(RuntimeError):
+    """Base class of every error rlserve raises on its own account."""
+
+
+class ServerClosedError(RLServeError):
+    """The server was shut down (or never started); the request was not run."""
+
+
+class ServerDeadError(ServerClosedError):
+    """The server thread or process died; the request was not (or not fully) run."""
+
+
+class QueueFullError(RLServeError):
+    """The transport's bound on pending requests was reached."""
+
+
+class RequestError(RLServeError, ValueError):
+    """A request could not be batched or run (bad type, keys, shapes or dtypes)."""

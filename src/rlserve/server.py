@@ -1,0 +1,372 @@
+"""InferenceServer: gather pending requests, run one forward, route rows back."""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+import torch
+
+from .batching import BatchPolicy
+from .collate import describe_signature, group_by_signature, split_rows, stack_group
+from .errors import RequestError, ServerClosedError, ServerDeadError
+from .stats import ServerStats
+
+__all__ = ["InferenceServer"]
+
+log = logging.getLogger("rlserve")
+_perf = time.perf_counter
+_IDLE_WAIT_S = 0.05  # how long an idle loop sleeps before re-checking for shutdown
+
+
+class InferenceServer:
+    """Serve ``model`` to many actors through ``transport``, batching their requests.
+
+    Args:
+        model: any callable from a batched TensorDict to a batched TensorDict
+            (typically a ``TensorDictModule``). It runs under ``torch.no_grad``
+            on the server thread.
+        transport: an :class:`~rlserve.InferenceTransport`.
+        max_batch_size: most requests per forward pass.
+        min_batch_size: run a batch once this many requests are pending...
+        timeout: ...or once the oldest pending request has waited this many
+            seconds since it arrived. With ``min_batch_size=1`` (default) the
+            server runs whatever is pending at once; batches grow while the
+            model is busy.
+        device: move each batch here before the forward (``None``: leave it).
+        output_device: move answers here (``None``: back to the device the
+            requests came from when ``device`` is set, else leave them).
+        collate_fn: ``list[TensorDict] -> TensorDict`` replacing the built-in
+            stacking (it receives shallow copies, so it cannot alias requests).
+        weight_sync: a :class:`~rlserve.WeightSyncScheme`; the server wires its
+            receiver side and applies new weights between batches.
+        policy_version_key: key of the integer version stamped on every
+            answer; ``None`` disables the stamp.
+        num_threads: ``torch.set_num_threads`` while serving (restored at
+            shutdown). Intra-op threads spinning against actor threads make a
+            small machine collapse, hence 1; ``None`` leaves torch alone. Note
+            the setting is process-wide.
+    """
+
+    def __init__(
+        self,
+        model,
+        transport,
+        *,
+        max_batch_size: int = 64,
+        min_batch_size: int = 1,
+        timeout: float = 0.01,
+        device=None,
+        output_device=None,
+        collate_fn=None,
+        weight_sync=None,
+        policy_version_key: str | None = "policy_version",
+        num_threads: int | None = 1,
+        name: str = "rlserve-server",
+    ):
+        if not callable(model):
+            raise TypeError(f"model must be callable, got {type(model).__name__}")
+        self.model = model
+        self.transport = transport
+        self.batching = BatchPolicy(max_batch_size, min_batch_size, timeout)
+        self.device = torch.device(device) if device is not None else None
+        self.output_device = torch.device(output_device) if output_device is not None else None
+        self.collate_fn = collate_fn
+        self.weight_sync = weight_sync
+        self.policy_version_key = policy_version_key
+        self.policy_version = 0
+        self.num_threads = num_threads
+        self.name = name
+        self._stats = ServerStats(self.batching.max_batch_size)
+        self._thread: threading.Thread | None = None
+        self._serving = False
+        self._stop = False
+        self._started = False
+        self._died: BaseException | None = None
+        self._prev_threads: int | None = None
+        self._good_sig = None  # last signature the model accepted, for error messages
+        self._weights_lock = threading.Lock()
+        self._pending_weights = None  # (weights, version) from update_weights()
+
+    @property
+    def max_batch_size(self) -> int:
+        return self.batching.max_batch_size
+
+    # -- lifecycle -------------------------------------------------------------
+    def start(self) -> "InferenceServer":
+        """Start the serving thread. Returns ``self``."""
+        if self._started:
+            raise RuntimeError("an InferenceServer can be started once; create a new one")
+        self._started = True
+        if self.weight_sync is not None:
+            self.weight_sync.init_on_receiver(model=self.model, server=self)
+        if self.num_threads is not None:
+            self._prev_threads = torch.get_num_threads()
+            torch.set_num_threads(self.num_threads)
+        attach = getattr(self.transport, "_attach", None)
+        if attach is not None:
+            attach(self)
+        reopen = getattr(self.transport, "_reopen", None)
+        if reopen is not None:
+            reopen()
+        self._serving = True
+        self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
+        self._thread.start()
+        return self
+
+    def shutdown(self, timeout: float | None = 5.0) -> None:
+        """Stop serving. Requests not yet run are answered with ServerClosedError."""
+        if not self._started or self._thread is None:
+            return
+        self._serving = False
+        close = getattr(self.transport, "_close", None)
+        if close is not None:
+            close()
+        self._stop = True
+        wake = getattr(self.transport, "_wake", None)
+        if wake is not None:
+            wake()
+        if threading.current_thread() is not self._thread:
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                log.warning("%s: serving thread still busy after %s s (a slow forward?)", self.name, timeout)
+        if self._prev_threads is not None:
+            torch.set_num_threads(self._prev_threads)
+            self._prev_threads = None
+        closer = getattr(self.weight_sync, "_close_receiver", None)
+        if closer is not None:
+            closer()
+
+    def __enter__(self) -> "InferenceServer":
+        if not self._started:
+            self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
+
+    @property
+    def is_alive(self) -> bool:
+        """True while the server accepts and runs requests."""
+        return self._serving and self._thread is not None and self._thread.is_alive()
+
+    def _raise_if_not_serving(self) -> None:
+        if self._serving:
+            t = self._thread
+            if t is not None and t.is_alive():
+                return
+        if self._died is not None:
+            raise ServerDeadError(f"the inference server died: {self._died!r}") from self._died
+        if self._started and self._thread is not None and not self._thread.is_alive() and not self._stop:
+            raise ServerDeadError("the inference server thread is gone")
+        if not self._started:
+            raise ServerClosedError("the inference server is not started; call server.start() first")
+        raise ServerClosedError("the inference server is shut down")
+
+    def client(self):
+        """An actor-side client of this server's transport."""
+        return self.transport.client()
+
+    def stats(self) -> dict:
+        """Counters and latency percentiles; see the README for the fields."""
+        return self._stats.snapshot(self.policy_version)
+
+    # -- weights ---------------------------------------------------------------
+    def update_weights(self, weights, version: int | None = None) -> None:
+        """Queue new weights (state dict or TensorDict); applied between batches.
+
+        Only the newest pending set is kept. With no serving thread they are
+        applied at once.
+        """
+        from .weight_sync import prepare_weights
+
+        target = prepare_weights(self.model, weights)  # validates now, on the caller's side
+        with self._weights_lock:
+            self._pending_weights = (target, version)
+        if not self.is_alive:
+            self._apply_weight_updates()
+
+    def _apply_weight_updates(self) -> None:
+        """Between batches: take the newest weights from update_weights / weight_sync."""
+        if self._pending_weights is not None:
+            from .weight_sync import copy_weights_
+
+            with self._weights_lock:
+                target, version = self._pending_weights
+                self._pending_weights = None
+            copy_weights_(self.model, target)
+            self.policy_version = self.policy_version + 1 if version is None else int(version)
+        ws = self.weight_sync
+        if ws is not None:
+            v = ws.receive()
+            if v is not None:
+                self.policy_version = int(v)
+
+    # -- the loop --------------------------------------------------------------
+    def _run(self) -> None:
+        torch.set_grad_enabled(False)  # grad mode is thread-local: this thread only
+        tr = self.transport
+        policy = self.batching
+        drain = getattr(tr, "drain_timed", None)
+        if drain is None:
+            def drain(n, _drain=tr.drain):
+                ins, cbs = _drain(n)
+                return ins, cbs, [_perf()] * len(ins)
+        ins: list = []
+        cbs: list = []
+        ts: list = []
+        try:
+            while not self._stop:
+                if not ins:
+                    tr.wait_for_work(_IDLE_WAIT_S)
+                room = policy.max_batch_size - len(ins)
+                if room > 0:
+                    i2, c2, t2 = drain(room)
+                    if i2:
+                        if ins:
+                            ins += i2
+                            cbs += c2
+                            ts += t2
+                        else:
+                            ins, cbs, ts = list(i2), list(c2), list(t2)
+                if not ins:
+                    continue
+                wait = policy.wait_time(len(ins), min(ts), _perf())
+                if wait > 0:
+                    tr.wait_for_work(wait)
+                    continue
+                self._apply_weight_updates()
+                self._process(ins, cbs, ts)
+                ins, cbs, ts = [], [], []
+        except BaseException as e:  # the loop itself broke: never leave callers waiting
+            self._died = e
+            self._serving = False
+            log.exception("%s: serving loop died", self.name)
+            self._fail(cbs, ServerDeadError(f"the inference server died: {e!r}"))
+            cbs = []
+        finally:
+            self._serving = False
+            self._fail(cbs, ServerClosedError("the inference server shut down before running this request"))
+            self._fail_queued()
+
+    def _fail(self, cbs, exc) -> None:
+        for cb in cbs:
+            self._resolve_exc(cb, exc)
+
+    def _fail_queued(self) -> None:
+        if self._died is not None:
+            exc = ServerDeadError(f"the inference server died: {self._died!r}")
+        else:
+            exc = ServerClosedError("the inference server shut down before running this request")
+        for _ in range(1000):  # bounded: a misbehaving transport cannot keep us here
+            try:
+                _, cbs = self.transport.drain(1 << 16)
+            except Exception:
+                log.exception("%s: draining at shutdown failed", self.name)
+                return
+            if not cbs:
+                return
+            self._fail(cbs, exc)
+
+    def _resolve_exc(self, cb, exc) -> None:
+        try:
+            self.transport.resolve_exception(cb, exc)
+        except Exception:
+            log.exception("%s: could not deliver an error to a caller", self.name)
+
+    def _process(self, ins: list, cbs: list, ts: list) -> None:
+        self._stats.record_waits(_perf(), ts)
+        groups, bad = group_by_signature(ins)
+        for i, err in bad:
+            self._stats.rejected += 1
+            self._resolve_exc(cbs[i], err)
+        if len(groups) == 1 and not bad:
+            (sig, _), = groups.items()
+            self._run_group(sig, ins, cbs, ts)
+            return
+        for sig, idx in groups.items():
+            self._run_group(sig, [ins[i] for i in idx], [cbs[i] for i in idx], [ts[i] for i in idx])
+
+    def _run_group(self, sig, ins: list, cbs: list, ts: list) -> None:
+        n = len(ins)
+        tr = self.transport
+        try:
+            if self.collate_fn is not None:
+                batch = self.collate_fn([td.copy() for td in ins])
+            else:
+                batch = stack_group(sig, ins)
+            back_to = self.output_device
+            if self.device is not None:
+                if back_to is None:
+                    back_to = _sig_device(sig)
+                batch = batch.to(self.device)
+            t0 = _perf()
+            out = self.model(batch)
+            t_fwd = _perf() - t0
+            if back_to is not None and out is not None and hasattr(out, "to"):
+                out = out.to(back_to)
+            resolve_batch = getattr(tr, "resolve_batch", None)
+            if resolve_batch is not None and not getattr(tr, "wants_rows", True):
+                rows = None
+            else:
+                rows = split_rows(out, n, self.policy_version_key, self.policy_version)
+        except Exception as e:
+            self._stats.errors += n
+            exc = self._explain(sig, e)
+            for cb in cbs:
+                self._resolve_exc(cb, exc)
+            return
+        self._good_sig = sig
+        if resolve_batch is not None:
+            resolve_batch(cbs, out, rows)
+        else:
+            resolve = tr.resolve
+            for cb, row in zip(cbs, rows):
+                try:
+                    resolve(cb, row)
+                except Exception:
+                    log.exception("%s: could not deliver an answer", self.name)
+        self._stats.record_batch(n, t_fwd, _perf(), ts)
+
+    def _explain(self, sig, e: Exception) -> Exception:
+        """The model's own error, or a RequestError when the request's layout is the odd one out."""
+        good = self._good_sig
+        if good is None or good == sig:
+            return e
+        err = RequestError(
+            f"the model failed on a request whose layout differs from the one it accepts "
+            f"({_diff(good, sig)}): {type(e).__name__}: {e}"
+        )
+        err.__cause__ = e
+        return err
+
+
+def _sig_device(sig):
+    for leaf in sig[2]:
+        if len(leaf) == 4:
+            return leaf[3]
+    return None
+
+
+def _diff(good, bad) -> str:
+    g = {leaf[0]: leaf for leaf in good[2]}
+    b = {leaf[0]: leaf for leaf in bad[2]}
+    parts = []
+    missing = [k for k in g if k not in b]
+    extra = [k for k in b if k not in g]
+    if missing:
+        parts.append(f"missing keys {missing}")
+    if extra:
+        parts.append(f"unexpected keys {extra}")
+    for k in g.keys() & b.keys():
+        if g[k] != b[k]:
+            parts.append(f"{k!r} is {_leaf(b[k])}, expected {_leaf(g[k])}")
+    if good[1] != bad[1]:
+        parts.append(f"batch_size {list(bad[1])}, expected {list(good[1])}")
+    return "; ".join(parts) or f"got {describe_signature(bad)}"
+
+
+def _leaf(leaf) -> str:
+    if len(leaf) == 4:
+        return f"shape={list(leaf[1])} dtype={leaf[2]}"
+    return leaf[1]

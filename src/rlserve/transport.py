@@ -1,0 +1,116 @@
+"""The transport contract between actor-side clients and the server loop.
+
+A transport only moves requests and answers; batching lives in the server.
+Subclasses implement the five abstract methods below. They may also offer the
+optional hooks the server uses when present:
+
+* ``drain_timed(max_items) -> (inputs, callbacks, submit_times)`` so queue
+  wait and the batching deadline count from each request's real arrival
+  (``time.perf_counter`` clock);
+* ``resolve_batch(callbacks, batch_output, rows) -> None`` to answer a whole
+  batch at once (``rows`` is None when the transport asked for the batch
+  unsplit via ``wants_rows = False``);
+* ``_wake()`` so shutdown does not wait for ``wait_for_work`` to time out.
+"""
+from __future__ import annotations
+
+import abc
+import time
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
+
+from ._td import TensorDictBase
+from .errors import ServerClosedError, ServerDeadError
+
+__all__ = ["InferenceTransport", "InferenceClient", "wait_future"]
+
+# How often a blocked caller re-checks that the server is still alive.
+LIVENESS_PERIOD_S = 0.2
+
+
+class InferenceTransport(abc.ABC):
+    """Abstract base class of transport backends (threads, processes, Ray, Monarch)."""
+
+    # Set by the server while it runs; clients consult it before and while
+    # waiting so that a stopped or dead server turns into an exception.
+    _server = None
+
+    @abc.abstractmethod
+    def submit(self, td: TensorDictBase) -> Future:
+        """Submit one request (actor side); returns a Future of the answer."""
+
+    @abc.abstractmethod
+    def drain(self, max_items: int) -> tuple[list, list]:
+        """Take up to ``max_items`` pending requests (server side): ``(inputs, callbacks)``."""
+
+    @abc.abstractmethod
+    def wait_for_work(self, timeout: float) -> None:
+        """Block until work may be pending or ``timeout`` seconds pass (server side)."""
+
+    @abc.abstractmethod
+    def resolve(self, callback, result: TensorDictBase) -> None:
+        """Send ``result`` to the caller behind ``callback`` (server side)."""
+
+    @abc.abstractmethod
+    def resolve_exception(self, callback, exc: BaseException) -> None:
+        """Send ``exc`` to the caller behind ``callback`` (server side)."""
+
+    def client(self) -> "InferenceClient":
+        """An actor-side client bound to this transport."""
+        return InferenceClient(self)
+
+    # -- liveness, shared by every transport ---------------------------------
+    def _attach(self, server) -> None:
+        if self._server is not None and self._server is not server and self._server.is_alive:
+            raise RuntimeError("this transport is already served by another running InferenceServer")
+        self._server = server
+
+    def check_alive(self) -> None:
+        """Raise ServerClosedError/ServerDeadError unless a server is serving this transport."""
+        server = self._server
+        if server is None:
+            raise ServerClosedError("no InferenceServer is running on this transport; call server.start() first")
+        server._raise_if_not_serving()
+
+
+class InferenceClient:
+    """Actor-side handle: ``client(td)`` blocks for the answer, ``client.submit(td)`` returns a Future."""
+
+    def __init__(self, transport: InferenceTransport):
+        self._transport = transport
+
+    def submit(self, td: TensorDictBase) -> Future:
+        """Submit one request; returns a ``concurrent.futures.Future``."""
+        self._transport.check_alive()
+        return self._transport.submit(td)
+
+    def __call__(self, td: TensorDictBase, timeout: float | None = None) -> TensorDictBase:
+        """Submit ``td`` and wait for its answer (at most ``timeout`` seconds)."""
+        return wait_future(self.submit(td), timeout, self._transport.check_alive)
+
+
+def wait_future(fut: Future, timeout: float | None, check_alive) -> object:
+    """``fut.result(timeout)`` that also raises if ``check_alive`` says the server is gone."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        step = LIVENESS_PERIOD_S
+        if deadline is not None:
+            step = min(step, deadline - time.monotonic())
+            if step <= 0:
+                fut.cancel()
+                raise TimeoutError(f"no answer from the inference server within {timeout} s")
+        try:
+            return fut.result(timeout=step)
+        except FutureTimeout:
+            if fut.done():  # resolved in the instant the wait timed out
+                return fut.result()
+            try:
+                check_alive()
+            except ServerDeadError:
+                raise
+            except ServerClosedError:
+                # A closing server answers everything it accepted; give it a moment.
+                try:
+                    return fut.result(timeout=LIVENESS_PERIOD_S)
+                except FutureTimeout:
+                    raise ServerClosedError("the inference server shut down before answering") from None

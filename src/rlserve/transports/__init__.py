@@ -1,0 +1,1 @@
+"""Transport backends. Each file knows how requests travel and how callers wake."""

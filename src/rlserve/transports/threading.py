@@ -1,0 +1,216 @@
+"""ThreadingTransport: actors are threads of the server's process.
+
+Hot path design (every microsecond here is paid per request):
+
+* requests go into a ``collections.deque`` (append/popleft are atomic under
+  the GIL), no lock taken;
+* the server sleeps on a bare ``_thread`` lock that clients release only when
+  the server has said it is sleeping, so a busy server costs clients nothing;
+* a blocking ``client(td)`` waits on a per-thread reusable lock instead of a
+  ``Future`` (no Condition, no allocation per request);
+* answers are resolved one by one through the same ``set_result`` protocol
+  that ``concurrent.futures.Future`` offers.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future, InvalidStateError
+from _thread import allocate_lock
+
+from .._td import TensorDictBase
+from ..errors import QueueFullError, RequestError, ServerClosedError
+from ..transport import LIVENESS_PERIOD_S, InferenceClient, InferenceTransport
+
+__all__ = ["ThreadingTransport", "ThreadingClient"]
+
+_perf = time.perf_counter
+
+
+class _Waiter:
+    """A one-slot mailbox for one blocked thread; reused across that thread's calls."""
+
+    __slots__ = ("lock", "result", "exc")
+
+    def __init__(self):
+        self.lock = allocate_lock()
+        self.lock.acquire()  # held until an answer arrives
+        self.result = None
+        self.exc = None
+
+    def set_result(self, result):
+        self.result = result
+        self.lock.release()
+
+    def set_exception(self, exc):
+        self.exc = exc
+        self.lock.release()
+
+
+class ThreadingTransport(InferenceTransport):
+    """In-process transport for actor threads.
+
+    Args:
+        max_pending: bound on requests submitted but not yet answered
+            (``None``: unbounded). Backpressure for callers that ``submit``
+            many futures without waiting.
+        block_when_full: when the bound is reached, ``True`` makes callers
+            wait for room (up to their timeout, while the server is alive);
+            ``False`` raises :class:`~rlserve.QueueFullError` at once.
+    """
+
+    def __init__(self, max_pending: int | None = None, block_when_full: bool = True):
+        if max_pending is not None and max_pending < 1:
+            raise ValueError(f"max_pending must be >= 1 or None, got {max_pending}")
+        self._q: deque = deque()
+        self._sleeping = False
+        self._signal = allocate_lock()
+        self._signal.acquire()
+        self._closed = False
+        self.max_pending = max_pending
+        self.block_when_full = block_when_full
+        self._room = threading.Semaphore(max_pending) if max_pending else None
+
+    # -- actor side ------------------------------------------------------------
+    def submit(self, td: TensorDictBase) -> Future:
+        fut = Future()
+        self._put(td, fut, None)
+        return fut
+
+    def _put(self, td, callback, timeout) -> None:
+        if not isinstance(td, TensorDictBase):
+            raise RequestError(f"request must be a TensorDict, got {type(td).__name__}")
+        if self._closed:
+            raise ServerClosedError("the inference server is shut down")
+        if self._room is not None:
+            self._take_room(timeout)
+        self._q.append((td, callback, _perf()))
+        if self._sleeping:
+            self._wake()
+
+    def _take_room(self, timeout) -> None:
+        if not self.block_when_full:
+            if not self._room.acquire(blocking=False):
+                raise QueueFullError(f"{self.max_pending} requests already pending (max_pending)")
+            return
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self._room.acquire(timeout=LIVENESS_PERIOD_S):
+            self.check_alive()
+            if deadline is not None and time.monotonic() >= deadline:
+                raise QueueFullError(f"no room within {timeout} s: {self.max_pending} requests pending")
+
+    def client(self) -> "ThreadingClient":
+        return ThreadingClient(self)
+
+    # -- server side -----------------------------------------------------------
+    def _wake(self) -> None:
+        self._sleeping = False
+        try:
+            self._signal.release()
+        except RuntimeError:  # already released by another client
+            pass
+
+    def wait_for_work(self, timeout: float) -> None:
+        if self._q:
+            return
+        self._sleeping = True
+        if not self._q:  # re-check after raising the flag: no lost wake-up
+            if timeout > 0:
+                self._signal.acquire(timeout=timeout)
+            else:
+                self._signal.acquire(blocking=False)
+        self._sleeping = False
+
+    def drain_timed(self, max_items: int):
+        q = self._q
+        n = min(len(q), max_items)
+        if n == 0:
+            return [], [], []
+        pop = q.popleft
+        items = [pop() for _ in range(n)]
+        tds, cbs, ts = zip(*items)
+        return list(tds), list(cbs), list(ts)
+
+    def drain(self, max_items: int):
+        tds, cbs, _ = self.drain_timed(max_items)
+        return tds, cbs
+
+    def resolve(self, callback, result) -> None:
+        try:
+            callback.set_result(result)
+        except InvalidStateError:  # cancelled by its caller: nobody to answer
+            pass
+        if self._room is not None:
+            self._room.release()
+
+    def resolve_exception(self, callback, exc: BaseException) -> None:
+        try:
+            callback.set_exception(exc)
+        except InvalidStateError:
+            pass
+        if self._room is not None:
+            self._room.release()
+
+    def _close(self) -> None:
+        """Refuse new requests; the server then fails whatever is still queued."""
+        self._closed = True
+        self._wake()
+
+    def _reopen(self) -> None:
+        self._closed = False
+
+
+class ThreadingClient(InferenceClient):
+    """Client for :class:`ThreadingTransport`; blocking calls skip the Future."""
+
+    def __init__(self, transport: ThreadingTransport):
+        super().__init__(transport)
+        self._local = threading.local()
+
+    def submit(self, td: TensorDictBase) -> Future:
+        tr = self._transport
+        tr.check_alive()
+        fut = Future()
+        tr._put(td, fut, None)
+        return fut
+
+    def __call__(self, td: TensorDictBase, timeout: float | None = None) -> TensorDictBase:
+        tr = self._transport
+        tr.check_alive()
+        local = self._local
+        try:
+            w = local.waiter
+        except AttributeError:
+            w = local.waiter = _Waiter()
+        tr._put(td, w, timeout)
+        if not w.lock.acquire(timeout=LIVENESS_PERIOD_S if timeout is None else min(timeout, LIVENESS_PERIOD_S)):
+            self._slow_wait(w, timeout)
+        exc = w.exc
+        if exc is not None:
+            w.exc = None
+            raise exc
+        res = w.result
+        w.result = None
+        return res
+
+    def _slow_wait(self, w: _Waiter, timeout: float | None) -> None:
+        deadline = None if timeout is None else time.monotonic() + timeout - LIVENESS_PERIOD_S
+        tr = self._transport
+        while True:
+            try:
+                tr.check_alive()
+            except ServerClosedError:
+                # A closing server answers what it accepted; allow it a moment.
+                if w.lock.acquire(timeout=LIVENESS_PERIOD_S):
+                    return
+                self._local.waiter = _Waiter()  # the old one may still be answered later
+                raise
+            step = LIVENESS_PERIOD_S
+            if deadline is not None:
+                step = min(step, deadline - time.monotonic())
+                if step <= 0:
+                    self._local.waiter = _Waiter()
+                    raise TimeoutError(f"no answer from the inference server within {timeout} s")
+            if w.lock.acquire(timeout=step):
+                return
