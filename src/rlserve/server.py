@@ -151,10 +151,9 @@ class InferenceServer:
         return self._serving and self._thread is not None and self._thread.is_alive()
 
     def _raise_if_not_serving(self) -> None:
+        # Hot path: one flag. The loop clears it on any exit, normal or not.
         if self._serving:
-            t = self._thread
-            if t is not None and t.is_alive():
-                return
+            return
         if self._died is not None:
             raise ServerDeadError(f"the inference server died: {self._died!r}") from self._died
         if self._started and self._thread is not None and not self._thread.is_alive() and not self._stop:
@@ -172,30 +171,39 @@ class InferenceServer:
         return self._stats.snapshot(self.policy_version)
 
     # -- weights ---------------------------------------------------------------
-    def update_weights(self, weights, version: int | None = None) -> None:
-        """Queue new weights (state dict or TensorDict); applied between batches.
+    def update_weights(self, weights, version: int | None = None) -> int:
+        """Push new weights (state dict, TensorDict of parameters, or module).
 
-        Only the newest pending set is kept. With no serving thread they are
-        applied at once.
+        Checked now, on the caller's side (ValueError on missing keys, wrong
+        shapes or dtypes; the old weights keep serving), snapshotted so later
+        in-place changes by the caller cannot tear them, and applied in place
+        between batches. Only the newest pending set is kept. Returns the
+        version answers will carry (``version``, or one past the newest known).
         """
-        from .weight_sync import prepare_weights
+        from .weight_sync import prepare_weights, snapshot_weights, weights_of
 
-        target = prepare_weights(self.model, weights)  # validates now, on the caller's side
+        live = weights_of(self.model)
+        target = snapshot_weights(prepare_weights(live, weights), live)
         with self._weights_lock:
-            self._pending_weights = (target, version)
-        if not self.is_alive:
+            pending = self._pending_weights
+            if version is None:
+                version = max(self.policy_version, pending[1] if pending else 0) + 1
+            self._pending_weights = (target, int(version))
+        t = self._thread
+        if t is None or not t.is_alive():  # no serving thread that could be mid-forward
             self._apply_weight_updates()
+        return int(version)
 
     def _apply_weight_updates(self) -> None:
-        """Between batches: take the newest weights from update_weights / weight_sync."""
+        """Serving thread, between batches: apply the newest weights from update_weights / weight_sync."""
         if self._pending_weights is not None:
             from .weight_sync import copy_weights_
 
             with self._weights_lock:
-                target, version = self._pending_weights
-                self._pending_weights = None
-            copy_weights_(self.model, target)
-            self.policy_version = self.policy_version + 1 if version is None else int(version)
+                pending, self._pending_weights = self._pending_weights, None
+            if pending is not None:
+                copy_weights_(self.model, pending[0])
+                self.policy_version = pending[1]
         ws = self.weight_sync
         if ws is not None:
             v = ws.receive()

@@ -1,4 +1,4 @@
 """Weight synchronisation: trainer-side ``send``, server-side ``receive`` between batches."""
-from .base import WeightSyncScheme, copy_weights_, prepare_weights, weights_of
+from .base import NoWeightSyncScheme, WeightSyncScheme, copy_weights_, prepare_weights, snapshot_weights, weights_of
 
-__all__ = ["WeightSyncScheme", "copy_weights_", "prepare_weights", "weights_of"]
+__all__ = ["NoWeightSyncScheme", "WeightSyncScheme", "copy_weights_", "prepare_weights", "snapshot_weights", "weights_of"]

@@ -8,27 +8,34 @@ from tensordict import TensorDict, TensorDictBase
 
 
 def weights_of(model) -> dict:
-    """Flat ``{name: tensor}`` of a module's parameters and persistent buffers."""
+    """Flat ``{name: tensor}`` of a module's parameters and persistent buffers.
+
+    The tensors are the live ones (no copy), so writing into them in place
+    changes the model. A plain dict is returned as is (a layout template).
+    """
     if isinstance(model, torch.nn.Module):
-        return dict(model.state_dict(keep_vars=True))
+        return {k: v.data if isinstance(v, torch.nn.Parameter) else v for k, v in model.state_dict(keep_vars=True).items()}
     if isinstance(model, TensorDictBase):
         return dict(model.flatten_keys(".").items())
+    if isinstance(model, dict):
+        return model
     raise TypeError(f"expected an nn.Module or a TensorDict of weights, got {type(model).__name__}")
 
 
 def prepare_weights(model, weights) -> dict:
     """Check ``weights`` against ``model`` and return them as a flat ``{name: tensor}``.
 
-    ``weights`` may be a state dict, a TensorDict of parameters, or a module.
-    Raises ValueError naming every missing/unexpected key and every shape or
+    ``weights`` may be a state dict, a TensorDict of parameters, or a module;
+    ``model`` a module, a TensorDict or a ``{name: tensor}`` template. The
+    returned tensors are the caller's (detached, not copied). Raises ValueError naming every missing/unexpected key and every shape or
     dtype mismatch, so bad weights fail on the sender's side.
     """
     if isinstance(weights, torch.nn.Module):
         src = {k: v.detach() for k, v in weights.state_dict().items()}
     elif isinstance(weights, TensorDictBase):
-        src = dict(weights.flatten_keys(".").items())
+        src = {k: v.detach() for k, v in weights.flatten_keys(".").items()}
     elif isinstance(weights, dict):
-        src = dict(weights)
+        src = {k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in weights.items()}
     else:
         raise TypeError(f"weights must be a state dict, a TensorDict or an nn.Module, got {type(weights).__name__}")
     live = weights_of(model)
@@ -53,11 +60,23 @@ def prepare_weights(model, weights) -> dict:
 
 
 @torch.no_grad()
-def copy_weights_(model, weights: dict) -> None:
-    """Copy ``weights`` into the live parameters and buffers in place (storage unchanged)."""
-    live = weights_of(model)
+def copy_weights_(model, weights: dict, live: dict | None = None) -> None:
+    """Copy ``weights`` into the live parameters and buffers in place (storage unchanged).
+
+    Device to device where they differ; blocking, so the source may be reused
+    as soon as this returns. ``live`` is ``weights_of(model)`` when the caller
+    has it cached.
+    """
+    if live is None:
+        live = weights_of(model)
     for k, dst in live.items():
         dst.copy_(weights[k], non_blocking=False)
+
+
+def snapshot_weights(weights: dict, like: dict) -> dict:
+    """Private copies of ``weights`` on the devices of ``like`` (a later in-place
+    change by the caller, e.g. ``optimizer.step()``, cannot tear them)."""
+    return {k: torch.empty_like(like[k]).copy_(v) for k, v in weights.items()}
 
 
 class WeightSyncScheme(abc.ABC):
@@ -84,3 +103,16 @@ class WeightSyncScheme(abc.ABC):
     @abc.abstractmethod
     def receive(self) -> int | None:
         """Apply the newest pending weights, if any; return their version or None."""
+
+    def _close_receiver(self) -> None:
+        """Called by the server at shutdown."""
+
+
+class NoWeightSyncScheme(WeightSyncScheme):
+    """Weights never change: ``send`` is a no-op and the server keeps version 0."""
+
+    def send(self, model=None, weights=None, version=None) -> int:
+        return 0
+
+    def receive(self) -> None:
+        return None

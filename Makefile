@@ -1,0 +1,38 @@
+# The two commands of the README, plus benchmarks. Everything installs into
+# .venv from nothing; torch is installed first, alone, and pinned after that.
+PYTHON ?= python3
+VENV   ?= .venv
+TORCH  ?= torch==2.13.0
+PIP    := $(VENV)/bin/python -m pip
+EXTRAS ?= test,ray,monarch,demo
+
+.PHONY: setup demo test bench bench-env clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q "$(TORCH)"
+	$(PIP) install -q -c constraints.txt -e ".[$(EXTRAS)]"
+	@$(VENV)/bin/python -c "import torch, tensordict; print('torch', torch.__version__, '| tensordict', tensordict.__version__)"
+	touch $@
+
+demo: setup  ## train CartPole-v1 with actors served by rlserve
+	OMP_NUM_THREADS=1 $(VENV)/bin/rlserve demo
+
+test: setup  ## the whole test suite
+	OMP_NUM_THREADS=1 $(VENV)/bin/python -m pytest
+
+bench: setup  ## every benchmark, one table (see README: Performance)
+	OMP_NUM_THREADS=1 $(VENV)/bin/rlserve bench
+
+# torchrl 0.14.1 (tensordict 0.14.3) beside rlserve, for side-by-side figures
+bench-env: .venv-bench/.installed
+.venv-bench/.installed: pyproject.toml
+	$(PYTHON) -m venv .venv-bench
+	.venv-bench/bin/python -m pip install -q "$(TORCH)"
+	.venv-bench/bin/python -m pip install -q -c constraints-bench.txt torchrl==0.14.1 ray==2.60.0 -e .
+	touch $@
+
+clean:
+	rm -rf $(VENV) .venv-bench
