@@ -1,0 +1,165 @@
+"""``rlserve`` command line: ``rlserve demo`` (the main job) and ``rlserve bench``."""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib
+import io
+import os
+import re
+import sys
+
+# benchmark name -> candidate modules under rlserve.bench (first importable wins)
+BENCHES = {
+    "threads": ["threads"],
+    "processes": ["processes"],
+    "weights": ["weights"],
+    "ray": ["ray", "ray_monarch"],
+    "monarch": ["monarch", "ray_monarch"],
+}
+
+
+def _demo(a) -> int:
+    from .demo import DemoConfig, format_report, train, write_plot
+
+    cfg = DemoConfig(envs=a.envs, time_limit=a.time_limit, target=a.target, window=a.window,
+                     frames_per_batch=a.frames_per_batch, seed=a.seed, progress=False if a.no_progress else None)
+    print(f"training PPO on {cfg.env} with {cfg.envs} environments (time limit {cfg.time_limit:.0f} s, "
+          f"target mean return {cfg.target:.0f} over {cfg.window} episodes)", flush=True)
+    r = train(cfg)
+    print(format_report(r))
+    if a.plot:
+        print(f"  plot:        {write_plot(r, a.plot)}")
+    return 1 if a.strict and not r["solved"] else 0
+
+
+def _accepted_flags(mod) -> set[str]:
+    """The ``--flags`` a benchmark's ``main`` accepts, read from its ``--help``."""
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(io.StringIO()):
+        try:
+            mod.main(["--help"])
+        except SystemExit:
+            pass
+    return set(re.findall(r"(--[a-z][a-z0-9-]*)", buf.getvalue()))
+
+
+def _load_bench(name: str):
+    errors = []
+    for cand in BENCHES.get(name, [name]):
+        try:
+            return importlib.import_module(f"rlserve.bench.{cand}"), None
+        except ModuleNotFoundError as e:
+            errors.append(f"{cand}: {e}")
+        except ImportError as e:  # the module exists but a dependency is missing
+            errors.append(f"{cand}: {e}")
+    return None, "; ".join(errors)
+
+
+def _bench(a) -> int:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    from .bench.common import print_table
+
+    rows: list[dict] = []
+    skipped = []
+    for name in a.transports:
+        mod, why = _load_bench(name)
+        if mod is None:
+            skipped.append(f"{name} (not available: {why})")
+            continue
+        flags = _accepted_flags(mod)
+        argv = []
+        for flag, val in (("--actors", a.actors), ("--seconds", a.seconds), ("--repeats", a.repeats)):
+            if val is not None and flag in flags:
+                argv += [flag, *map(str, val if isinstance(val, list) else [val])]
+        if a.no_wait_idle and "--no-wait-idle" in flags:
+            argv.append("--no-wait-idle")
+        print(f"\n=== {name}: rlserve.bench.{mod.__name__.rsplit('.', 1)[-1]} {' '.join(argv)}", flush=True)
+        try:
+            got = mod.main(argv) or []
+        except Exception as e:  # one broken benchmark must not hide the others
+            skipped.append(f"{name} (failed: {type(e).__name__}: {e})")
+            continue
+        for r in got:
+            rows.append({"bench": name, **r})
+    print("\n=== all benchmarks (median [min-max] over repeats)")
+    if rows:
+        cols: list[str] = []
+        for r in rows:
+            cols += [k for k in r if not k.startswith("_") and k not in cols]
+        print_table(rows, cols)
+    for s in skipped:
+        print(f"skipped: {s}")
+    if a.plot and rows:
+        print(f"plot: {_bench_plot(rows, a.plot)}")
+    return 0 if rows else 1
+
+
+def _rate(r: dict) -> float | None:
+    """The requests/s figure of a row: ``_req_s`` or the median in a ``req/s``-like column."""
+    v = r.get("_req_s")
+    if isinstance(v, (int, float)):
+        return float(v)
+    for k, v in r.items():
+        if "/s" in k and not k.startswith("_"):
+            m = re.match(r"\s*([\d,]+(?:\.\d+)?)", str(v))
+            if m:
+                return float(m.group(1).replace(",", ""))
+    return None
+
+
+def _bench_plot(rows: list[dict], path: str) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pts = [(r, _rate(r)) for r in rows]
+    pts = [(r, v) for r, v in pts if v is not None]
+    labels = [" ".join(str(r.get(k, "")) for k in ("bench", "transport", "actors") if r.get(k) is not None)
+              for r, _ in pts]
+    fig, ax = plt.subplots(figsize=(max(6, 0.4 * len(pts) + 2), 4.5))
+    ax.bar(range(len(pts)), [v for _, v in pts], color=[f"C{hash(r['bench']) % 10}" for r, _ in pts])
+    ax.set_xticks(range(len(pts)), labels, rotation=60, ha="right", fontsize=7)
+    ax.set_ylabel("requests/s (median)")
+    ax.set_yscale("log")
+    ax.set_title("rlserve bench")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="rlserve", description=__doc__)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    d = sub.add_parser("demo", help="train PPO on CartPole-v1 with environments served by rlserve")
+    d.add_argument("--envs", type=int, default=16, help="environments / actor threads (default 16)")
+    d.add_argument("--time-limit", type=float, default=300.0, help="seconds before giving up (default 300)")
+    d.add_argument("--target", type=float, default=475.0, help="mean return that counts as solved")
+    d.add_argument("--window", type=int, default=50, help="episodes averaged for the target (default 50)")
+    d.add_argument("--frames-per-batch", type=int, default=2048)
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--plot", default="demo.png", help="PNG to write ('' for none; default demo.png)")
+    d.add_argument("--no-progress", action="store_true", help="no progress bar even on a tty")
+    d.add_argument("--strict", action="store_true", help="exit with status 1 when not solved")
+    d.set_defaults(fn=_demo)
+    b = sub.add_parser("bench", help="run the benchmarks and print one table")
+    b.add_argument("--transports", nargs="+", default=list(BENCHES), metavar="NAME",
+                   help=f"benchmarks to run (default: {' '.join(BENCHES)})")
+    b.add_argument("--actors", type=int, nargs="+", help="actor counts (passed to benchmarks that take them)")
+    b.add_argument("--seconds", type=float, help="seconds per measurement")
+    b.add_argument("--repeats", type=int, help="repeats per measurement")
+    b.add_argument("--no-wait-idle", action="store_true", help="do not wait for an idle machine")
+    b.add_argument("--plot", help="write a PNG bar chart of requests/s here")
+    b.set_defaults(fn=_bench)
+    return ap
+
+
+def main(argv=None) -> int:
+    a = build_parser().parse_args(argv)
+    return a.fn(a)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,451 @@
+"""RayTransport: actors are Ray actors or tasks; one Ray call per request.
+
+Two ways to host the server (see docs/ray.md for why):
+
+* **in a Ray actor** -- ``RayTransport(policy_factory=make_policy, server_kwargs=...)``
+  starts an async Ray actor that builds the policy with the factory and runs
+  an :class:`~rlserve.InferenceServer` on an in-actor queue. A request is one
+  actor call: the ``infer`` coroutine enqueues it and awaits its row; the
+  server batches whatever calls are pending.
+* **in the driver** -- ``InferenceServer(policy, RayTransport())`` as with any
+  transport. Ray cannot deliver actor calls to the driver, so a small async
+  *gateway* actor holds the pending calls and the driver long-polls it: one
+  ``take`` call brings every pending request, one ``answer`` call returns a
+  whole batch. A client still makes one Ray call per request.
+
+Clients (:class:`RayClient`) are small picklable objects holding the actor
+handle; pass them to Ray tasks and actors.
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future
+
+from ..errors import ServerClosedError, ServerDeadError
+from ..transport import InferenceClient, InferenceTransport
+from ._remote import EventLoopQueueTransport, decode_td, encode_rows, encode_td, reply_error, unwrap_reply
+
+__all__ = ["RayTransport", "RayClient"]
+
+log = logging.getLogger("rlserve")
+_perf = time.perf_counter
+_HEARTBEAT_S = 0.5
+
+
+def _ray():
+    try:
+        import ray
+    except ImportError:
+        raise ImportError("RayTransport needs Ray: pip install 'rlserve[ray]'") from None
+    return ray
+
+
+def _dead_error(e: BaseException, what: str) -> ServerDeadError:
+    err = ServerDeadError(f"the Ray {what} actor serving this client is gone ({type(e).__name__}: {e})")
+    err.__cause__ = e
+    return err
+
+
+# -- the client ------------------------------------------------------------------
+class RayClient(InferenceClient):
+    """Actor-side client: ``client(td)`` blocks, ``client.submit(td)`` returns a Future.
+
+    Picklable: it holds only the server (or gateway) actor handle.
+    """
+
+    def __init__(self, handle, what: str = "server"):
+        self._handle = handle
+        self._what = what
+
+    def __reduce__(self):
+        return (RayClient, (self._handle, self._what))
+
+    def submit(self, td) -> Future:
+        ref = self._handle.infer.remote(encode_td(td))
+        out: Future = Future()
+        what = self._what
+
+        def done(f):
+            if out.cancelled():
+                return
+            try:
+                out.set_result(unwrap_reply(f.result()))
+            except BaseException as e:
+                out.set_exception(_translate(e, what))
+
+        ref.future().add_done_callback(done)
+        return out
+
+    def __call__(self, td, timeout: float | None = None):
+        ray = _ray()
+        ref = self._handle.infer.remote(encode_td(td))
+        try:
+            reply = ray.get(ref, timeout=timeout)
+        except ray.exceptions.GetTimeoutError:
+            ray.cancel(ref)
+            raise TimeoutError(f"no answer from the inference server within {timeout} s") from None
+        except BaseException as e:
+            raise _translate(e, self._what) from None
+        return unwrap_reply(reply)
+
+
+def _translate(e: BaseException, what: str) -> BaseException:
+    import ray
+
+    if isinstance(e, (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)):
+        return _dead_error(e, what)
+    return e
+
+
+# -- server hosted in a Ray actor ---------------------------------------------------
+class _ServerActorImpl:
+    """Body of the server actor: policy from a factory, InferenceServer on an in-actor queue."""
+
+    def __init__(self, policy_factory, server_kwargs):
+        from ..server import InferenceServer
+
+        self._transport = EventLoopQueueTransport()
+        self._server = InferenceServer(policy_factory(), self._transport, **server_kwargs)
+        self._server.start()
+
+    async def infer(self, payload):
+        loop = asyncio.get_running_loop()
+        try:
+            self._transport.check_alive()
+            fut = loop.create_future()
+            self._transport._put(decode_td(payload), (loop, fut), None)
+        except Exception as e:
+            return reply_error(e)
+        return await fut
+
+    async def ready(self) -> bool:
+        return True
+
+    async def stats(self) -> dict:
+        return self._server.stats()
+
+    async def update_weights(self, boxed, version=None) -> int:
+        # boxed: [ObjectRef or weights], so Ray resolves nothing on our behalf
+        import ray
+
+        w = boxed[0]
+        if isinstance(w, ray.ObjectRef):
+            w = await w
+        self._server.update_weights(w, version)
+        return version if version is not None else -1
+
+    async def shutdown(self) -> None:
+        await asyncio.get_running_loop().run_in_executor(None, self._server.shutdown)
+
+
+# -- gateway for a server hosted in the driver ----------------------------------------
+class _GatewayImpl:
+    """Holds callers' pending requests until the driver's server takes them."""
+
+    def __init__(self, dead_after: float):
+        self._pending: deque = deque()  # (rid, payload, monotonic arrival)
+        self._futs: dict = {}
+        self._ids = itertools.count()
+        self._event = None
+        self._state = "closed"
+        self._reason = "the inference server is not started; call server.start() first"
+        self._last_beat = time.monotonic()
+        self._dead_after = dead_after
+        self._watchdog = None
+
+    def _ev(self) -> asyncio.Event:
+        if self._event is None:
+            self._event = asyncio.Event()
+        return self._event
+
+    async def infer(self, payload):
+        if self._state != "serving":
+            return reply_error(self._error())
+        rid = next(self._ids)
+        fut = asyncio.get_running_loop().create_future()
+        self._futs[rid] = fut
+        self._pending.append((rid, payload, time.monotonic()))
+        self._ev().set()
+        try:
+            return await fut
+        finally:
+            self._futs.pop(rid, None)
+
+    async def take(self, max_items: int, wait_s: float):
+        self._last_beat = time.monotonic()
+        if not self._pending and self._state == "serving":
+            ev = self._ev()
+            ev.clear()
+            try:
+                await asyncio.wait_for(ev.wait(), wait_s)
+            except asyncio.TimeoutError:
+                pass
+        now = time.monotonic()
+        out = []
+        pend = self._pending
+        while pend and len(out) < max_items:
+            rid, payload, t = pend.popleft()
+            if rid in self._futs:  # skip callers that already gave up
+                out.append((rid, payload, now - t))
+        return out
+
+    async def answer(self, rids, replies) -> None:
+        futs = self._futs
+        for rid, r in zip(rids, replies):
+            f = futs.get(rid)
+            if f is not None and not f.done():
+                f.set_result(r)
+
+    async def set_state(self, state: str, reason: str = "") -> None:
+        self._state = state
+        self._last_beat = time.monotonic()
+        if state != "serving":
+            self._reason = reason
+            self._fail_all()
+        elif self._watchdog is None:
+            self._watchdog = asyncio.get_running_loop().create_task(self._watch())
+
+    async def heartbeat(self, alive: bool, reason: str = "") -> None:
+        self._last_beat = time.monotonic()
+        if not alive and self._state == "serving":
+            await self.set_state("dead", reason)
+
+    def _error(self):
+        return (ServerDeadError if self._state == "dead" else ServerClosedError)(self._reason)
+
+    def _fail_all(self) -> None:
+        self._pending.clear()
+        r = reply_error(self._error())
+        for f in list(self._futs.values()):
+            if not f.done():
+                f.set_result(r)
+
+    async def _watch(self) -> None:
+        while True:
+            await asyncio.sleep(_HEARTBEAT_S)
+            if self._state == "serving" and time.monotonic() - self._last_beat > self._dead_after:
+                self._state = "dead"
+                self._reason = f"the driver hosting the inference server sent no heartbeat for {self._dead_after} s"
+                self._fail_all()
+
+
+# -- the transport ----------------------------------------------------------------------
+class RayTransport(InferenceTransport):
+    """Serve Ray actors and tasks; the server runs in the driver or in a Ray actor.
+
+    Args:
+        policy_factory: when given, the server runs inside a new async Ray
+            actor: ``policy_factory()`` builds the policy there and an
+            :class:`~rlserve.InferenceServer` serves it. Without it, use the
+            transport with an ``InferenceServer`` in the driver as usual.
+        server_kwargs: keyword arguments of that ``InferenceServer``
+            (``max_batch_size``, ``timeout``, ``weight_sync``...).
+        actor_options: ``.options(...)`` of the server (or gateway) actor,
+            e.g. ``{"num_cpus": 1}`` or a scheduling strategy. Default
+            ``num_cpus=0``: the actor does not hold a CPU slot.
+        startup_timeout: seconds to wait for the server actor to be built.
+        dead_after: driver-hosted mode only: clients get ServerDeadError when
+            the driver's server sends no heartbeat for this many seconds.
+
+    Needs Ray (``pip install 'rlserve[ray]'``); ``ray.init()`` is called on
+    first use if the caller has not done it.
+    """
+
+    wants_rows = False
+
+    def __init__(
+        self,
+        policy_factory=None,
+        *,
+        server_kwargs: dict | None = None,
+        actor_options: dict | None = None,
+        startup_timeout: float = 120.0,
+        dead_after: float = 3.0,
+    ):
+        ray = _ray()
+        opts = {"num_cpus": 0, "max_concurrency": 10_000}
+        opts.update(actor_options or {})
+        self._hosted = policy_factory is not None
+        self._buf: deque = deque()
+        self._poll = None
+        self._closed_flag = True
+        self._hb_thread = None
+        self._hb_stop = threading.Event()
+        if self._hosted:
+            cls = ray.remote(_ServerActorImpl)
+            self._handle = cls.options(**opts).remote(policy_factory, dict(server_kwargs or {}))
+            ray.get(self._handle.ready.remote(), timeout=startup_timeout)  # surfaces factory errors
+        else:
+            if server_kwargs:
+                raise ValueError("server_kwargs only apply with policy_factory (server in a Ray actor)")
+            cls = ray.remote(_GatewayImpl)
+            self._handle = cls.options(**opts).remote(dead_after)
+            ray.get(self._handle.set_state.remote("closed", "the inference server is not started; call server.start() first"), timeout=startup_timeout)
+
+    # -- both modes ---------------------------------------------------------------------
+    @property
+    def actor(self):
+        """The Ray actor handle clients call (server actor, or gateway in driver mode)."""
+        return self._handle
+
+    def client(self) -> RayClient:
+        return RayClient(self._handle, "server" if self._hosted else "gateway")
+
+    # -- server-in-an-actor mode -------------------------------------------------------
+    def stats(self, timeout: float = 30.0) -> dict:
+        """The actor-hosted server's stats (actor-hosted mode)."""
+        self._need_hosted("stats")
+        return _ray().get(self._handle.stats.remote(), timeout=timeout)
+
+    def update_weights(self, weights, version: int | None = None, timeout: float = 60.0) -> None:
+        """Hand weights to the actor-hosted server; applied between batches."""
+        self._need_hosted("update_weights")
+        _ray().get(self._handle.update_weights.remote([weights], version), timeout=timeout)
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        """Stop the actor-hosted server (pending requests get ServerClosedError) and end its actor."""
+        ray = _ray()
+        if self._handle is None:
+            return
+        if self._hosted:
+            try:
+                ray.get(self._handle.shutdown.remote(), timeout=timeout)
+            except Exception:  # already dead or stuck: the kill below settles it
+                pass
+        self._stop_heartbeat()
+        ray.kill(self._handle)
+        self._handle = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.shutdown()
+
+    def _need_hosted(self, what):
+        if not self._hosted:
+            raise RuntimeError(f"{what}() is for a server hosted in a Ray actor; use the InferenceServer in the driver")
+
+    # -- driver-hosted mode: the InferenceTransport side ----------------------------------
+    def _attach(self, server) -> None:
+        if self._hosted:
+            raise RuntimeError(
+                "this RayTransport already runs its own InferenceServer in a Ray actor (policy_factory); "
+                "do not wrap it in another InferenceServer"
+            )
+        super()._attach(server)
+
+    def _reopen(self) -> None:
+        _ray().get(self._handle.set_state.remote("serving"), timeout=30)
+        self._closed_flag = False
+        self._hb_stop.clear()
+        self._hb_thread = threading.Thread(target=self._beat, name="rlserve-ray-heartbeat", daemon=True)
+        self._hb_thread.start()
+
+    def _close(self) -> None:
+        self._closed_flag = True
+        self._stop_heartbeat()
+        if self._handle is not None:
+            self._handle.set_state.remote("closed", "the inference server is shut down")
+
+    def _stop_heartbeat(self) -> None:
+        self._hb_stop.set()
+        t = self._hb_thread
+        if t is not None and t is not threading.current_thread():
+            t.join(2)
+        self._hb_thread = None
+
+    def _beat(self) -> None:
+        """Tell the gateway the server is alive; report its death with the reason."""
+        while not self._hb_stop.wait(_HEARTBEAT_S):
+            server = self._server
+            alive = server is not None and server.is_alive
+            reason = ""
+            if not alive:
+                died = getattr(server, "_died", None)
+                reason = f"the inference server died: {died!r}" if died is not None else "the inference server thread is gone"
+            try:
+                self._handle.heartbeat.remote(alive, reason)
+            except Exception:
+                return
+            if not alive:
+                return
+
+    def check_alive(self) -> None:
+        if self._closed_flag:
+            super().check_alive()
+
+    def submit(self, td) -> Future:
+        return self.client().submit(td)
+
+    def _max_take(self) -> int:
+        s = self._server
+        return s.max_batch_size if s is not None else 64
+
+    def _fetch(self, timeout: float) -> None:
+        """Wait up to ``timeout`` for the outstanding long-poll; keep one always in flight."""
+        ray = _ray()
+        if self._poll is None:
+            self._poll = self._handle.take.remote(self._max_take(), 0.25)
+        ready, _ = ray.wait([self._poll], timeout=max(0.0, timeout))
+        if not ready:
+            return
+        try:
+            items = ray.get(self._poll)
+        finally:
+            self._poll = None
+        now = _perf()
+        for rid, payload, age in items:
+            self._buf.append((rid, payload, now - age))
+        if not self._closed_flag:  # pipeline: the next poll gathers while we compute
+            self._poll = self._handle.take.remote(self._max_take(), 0.25)
+
+    def wait_for_work(self, timeout: float) -> None:
+        if not self._buf:
+            self._fetch(timeout)
+
+    def drain_timed(self, max_items: int):
+        if not self._buf and self._poll is not None:
+            self._fetch(0)
+        buf = self._buf
+        tds, cbs, ts = [], [], []
+        bad_rids, bad = [], []
+        while buf and len(tds) < max_items:
+            rid, payload, t = buf.popleft()
+            try:
+                td = decode_td(payload)
+            except Exception as e:  # malformed payload: its caller alone hears about it
+                bad_rids.append(rid)
+                bad.append(reply_error(e))
+                continue
+            tds.append(td)
+            cbs.append(rid)
+            ts.append(t)
+        if bad:
+            self._handle.answer.remote(bad_rids, bad)
+        return tds, cbs, ts
+
+    def drain(self, max_items: int):
+        tds, cbs, _ = self.drain_timed(max_items)
+        return tds, cbs
+
+    def resolve_batch(self, callbacks, batch_out, rows) -> None:
+        s = self._server
+        try:
+            replies = encode_rows(batch_out, len(callbacks), s.policy_version_key, s.policy_version)
+        except Exception as e:
+            replies = [reply_error(e)] * len(callbacks)
+        self._handle.answer.remote(list(callbacks), replies)
+
+    def resolve(self, callback, result) -> None:
+        s = self._server
+        self._handle.answer.remote([callback], encode_rows(result.unsqueeze(0), 1, s.policy_version_key, s.policy_version))
+
+    def resolve_exception(self, callback, exc: BaseException) -> None:
+        if self._handle is not None:
+            self._handle.answer.remote([callback], [reply_error(exc)])
