@@ -16,6 +16,7 @@ BENCHES = {
     "weights": ["weights"],
     "ray": ["ray", "ray_monarch"],
     "monarch": ["monarch", "ray_monarch"],
+    "collector": ["collector"],
 }
 
 

@@ -1,0 +1,28 @@
+"""The shipped examples run as written (the seed's own example included)."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+def run_example(name: str, timeout: float = 120) -> str:
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    p = subprocess.run([sys.executable, str(EXAMPLES / name)], capture_output=True, text=True,
+                       timeout=timeout, env=env)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return p.stdout
+
+
+def test_seed_threading_example_runs_verbatim():
+    run_example("seed_threading.py")
+
+
+def test_threaded_actors_example_batches():
+    out = run_example("threaded_actors.py")
+    assert "requests=3200" in out
+    mean_batch = float(out.split("mean_batch=")[1].split()[0])
+    assert mean_batch > 1.0
