@@ -87,17 +87,27 @@ def test_start_methods_and_late_clients(method):
     else:
         ctx = mp.get_context(method)
     tr = MPTransport(ctx)
-    early = tr.client()
+    early = tr.client()  # before the server starts
     with InferenceServer(doubler(), tr, max_batch_size=16) as server:
-        late = tr.client()
-        first = _run(ctx, _doubler_actor, [(early, 50), (late, 50)])
-        later = tr.client()  # created after actors were spawned and finished
-        second = _run(ctx, _doubler_actor, [(later, 50), (early, 50)])
-        server.update_weights({}, version=7) if False else None
-        assert [r[0] for r in first + second] == ["ok"] * 4, first + second
+        q = ctx.Queue()
+        p1 = ctx.Process(target=_doubler_actor, args=(early, 50, q), daemon=True)
+        p1.start()
+        late = tr.client()  # after the server started and another actor was spawned
+        p2 = ctx.Process(target=_doubler_actor, args=(late, 50, q), daemon=True)
+        p2.start()
+        try:
+            res = [q.get(timeout=90) for _ in range(2)]
+        finally:
+            for p in (p1, p2):
+                p.join(10)
+                if p.is_alive():
+                    p.kill()
+        assert [r[0] for r in res] == ["ok", "ok"], res
+        assert {r[1] for r in res} == {p1.pid, p2.pid}
         u = tr.usage()
-        assert u["fast_requests"] >= 4 * 49  # one learning request per process at most
-    assert tr.usage()["pickled_requests"] <= 4
+        assert u["fast_requests"] >= 2 * 49, u  # one learning request per process at most
+        assert u["pickled_requests"] <= 2, u
+        assert server.is_alive
 
 
 def _many_dtypes():
@@ -152,7 +162,8 @@ def test_declared_layout_and_general_path_for_misfits():
         as_int = c(TensorDict(observation=torch.arange(8)))  # other dtype
         assert as_int["action"].dtype == torch.int64 and torch.equal(as_int["action"], torch.arange(8) * 2)
         extra = c(TensorDict(observation=torch.ones(8), note=NonTensorData("hello")))  # non-tensor data
-        assert extra["note"] == "hello" and torch.equal(extra["action"], torch.full((8,), 2.0))
+        # the answer fits the declared response layout, so only its keys travel back
+        assert torch.equal(extra["action"], torch.full((8,), 2.0))
         assert tr.usage()["pickled_requests"] == 3
 
 

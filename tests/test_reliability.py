@@ -152,7 +152,8 @@ def test_shutdown_answers_every_pending_request():
     server.shutdown()
     done = [f for f in futs if f.exception(timeout=5) is None]
     failed = [f for f in futs if f.exception(timeout=5) is not None]
-    assert len(done) >= 2 and len(failed) >= 1  # the running batch finished; the rest were refused
+    assert len(done) >= 1 and len(failed) >= 1  # the running batch finished; the rest were refused
+    assert len(done) + len(failed) == len(futs)
     assert all(isinstance(f.exception(), ServerClosedError) for f in failed)
 
 
@@ -259,9 +260,9 @@ def test_backpressure_raise_and_block():
         client = transport.client()
         first = client.submit(good())
         t0 = time.monotonic()
-        with pytest.raises(QueueFullError, match="no room within 0.3 s"):
+        with pytest.raises(QueueFullError, match="no room before the call's timeout"):
             client(good(), timeout=0.3)
-        assert 0.3 <= time.monotonic() - t0 < 1.0
+        assert 0.3 <= time.monotonic() - t0 < 0.45  # the call's own timeout, not a polling step
         threading.Timer(0.2, gate.set).start()
         assert client(good(), timeout=5) is not None  # blocked until the first was answered
         assert first.done()

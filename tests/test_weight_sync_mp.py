@@ -5,7 +5,6 @@
 (b) trainer in a spawned process, server here (SharedMemWeightSyncScheme shared the other way).
 """
 import multiprocessing as mp
-import os
 import threading
 import time
 

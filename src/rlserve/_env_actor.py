@@ -74,6 +74,8 @@ def to_tensor(x) -> torch.Tensor:
     """A tensor that owns its memory (envs may reuse their observation buffers)."""
     if isinstance(x, torch.Tensor):
         return x.detach().clone()
+    if isinstance(x, np.ndarray):
+        return torch.from_numpy(x.copy())  # ~3x cheaper than torch.tensor(x)
     return torch.tensor(np.asarray(x))
 
 

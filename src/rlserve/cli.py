@@ -14,8 +14,8 @@ BENCHES = {
     "threads": ["threads"],
     "processes": ["processes"],
     "weights": ["weights"],
-    "ray": ["ray", "ray_monarch"],
-    "monarch": ["monarch", "ray_monarch"],
+    "ray": ["ray", "ray_actors", "ray_monarch"],
+    "monarch": ["monarch", "monarch_actors", "ray_monarch"],
     "collector": ["collector"],
 }
 
@@ -24,7 +24,8 @@ def _demo(a) -> int:
     from .demo import DemoConfig, format_report, train, write_plot
 
     cfg = DemoConfig(envs=a.envs, time_limit=a.time_limit, target=a.target, window=a.window,
-                     frames_per_batch=a.frames_per_batch, seed=a.seed, progress=False if a.no_progress else None)
+                     frames_per_batch=a.frames_per_batch, seed=a.seed, actor_type=a.actors,
+                     progress=False if a.no_progress else None)
     print(f"training PPO on {cfg.env} with {cfg.envs} environments (time limit {cfg.time_limit:.0f} s, "
           f"target mean return {cfg.target:.0f} over {cfg.window} episodes)", flush=True)
     r = train(cfg)
@@ -34,15 +35,34 @@ def _demo(a) -> int:
     return 1 if a.strict and not r["solved"] else 0
 
 
-def _accepted_flags(mod) -> set[str]:
-    """The ``--flags`` a benchmark's ``main`` accepts, read from its ``--help``."""
+def _accepted_flags(mod) -> dict[str, bool]:
+    """``{--flag: takes a list}`` for the flags a benchmark's ``main`` accepts, read from its ``--help``."""
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(io.StringIO()):
         try:
             mod.main(["--help"])
         except SystemExit:
             pass
-    return set(re.findall(r"(--[a-z][a-z0-9-]*)", buf.getvalue()))
+    text = buf.getvalue()
+    return {f: bool(re.search(re.escape(f) + r" (\w+) \[\1 \.\.\.\]", text))
+            for f in re.findall(r"(--[a-z][a-z0-9-]*)", text)}
+
+
+def _bench_argv(flags: dict, a) -> list[str]:
+    """Our options, translated to what one benchmark accepts."""
+    argv = []
+    actors_flag = "--actors" if "--actors" in flags else "--procs" if "--procs" in flags else None
+    for flag, val in ((actors_flag, a.actors), ("--seconds", a.seconds), ("--repeats", a.repeats)):
+        if val is None or flag not in flags:
+            continue
+        if isinstance(val, list):
+            val = val if flags[flag] else [max(val)]  # a single-count benchmark gets the largest
+        else:
+            val = [val]
+        argv += [flag, *map(str, val)]
+    if a.no_wait_idle and "--no-wait-idle" in flags:
+        argv.append("--no-wait-idle")
+    return argv
 
 
 def _load_bench(name: str):
@@ -63,22 +83,21 @@ def _bench(a) -> int:
 
     rows: list[dict] = []
     skipped = []
+    ran: dict = {}  # module -> bench name, so a module covering two names runs once
     for name in a.transports:
         mod, why = _load_bench(name)
         if mod is None:
             skipped.append(f"{name} (not available: {why})")
             continue
-        flags = _accepted_flags(mod)
-        argv = []
-        for flag, val in (("--actors", a.actors), ("--seconds", a.seconds), ("--repeats", a.repeats)):
-            if val is not None and flag in flags:
-                argv += [flag, *map(str, val if isinstance(val, list) else [val])]
-        if a.no_wait_idle and "--no-wait-idle" in flags:
-            argv.append("--no-wait-idle")
+        if mod.__name__ in ran:
+            skipped.append(f"{name} (covered by the {ran[mod.__name__]} run of {mod.__name__})")
+            continue
+        ran[mod.__name__] = name
+        argv = _bench_argv(_accepted_flags(mod), a)
         print(f"\n=== {name}: rlserve.bench.{mod.__name__.rsplit('.', 1)[-1]} {' '.join(argv)}", flush=True)
         try:
             got = mod.main(argv) or []
-        except Exception as e:  # one broken benchmark must not hide the others
+        except (Exception, SystemExit) as e:  # one broken benchmark must not hide the others
             skipped.append(f"{name} (failed: {type(e).__name__}: {e})")
             continue
         for r in got:
@@ -117,10 +136,11 @@ def _bench_plot(rows: list[dict], path: str) -> str:
 
     pts = [(r, _rate(r)) for r in rows]
     pts = [(r, v) for r, v in pts if v is not None]
-    labels = [" ".join(str(r.get(k, "")) for k in ("bench", "transport", "actors") if r.get(k) is not None)
+    labels = [" ".join(str(r[k]) for k in ("bench", "env", "transport", "mode", "obs", "size", "actors", "procs") if k in r)
               for r, _ in pts]
+    benches = list(dict.fromkeys(r["bench"] for r, _ in pts))
     fig, ax = plt.subplots(figsize=(max(6, 0.4 * len(pts) + 2), 4.5))
-    ax.bar(range(len(pts)), [v for _, v in pts], color=[f"C{hash(r['bench']) % 10}" for r, _ in pts])
+    ax.bar(range(len(pts)), [v for _, v in pts], color=[f"C{benches.index(r['bench']) % 10}" for r, _ in pts])
     ax.set_xticks(range(len(pts)), labels, rotation=60, ha="right", fontsize=7)
     ax.set_ylabel("requests/s (median)")
     ax.set_yscale("log")
@@ -141,6 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--window", type=int, default=50, help="episodes averaged for the target (default 50)")
     d.add_argument("--frames-per-batch", type=int, default=2048)
     d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--actors", choices=["thread", "process"], default="thread",
+                   help="actor threads (default) or one process per env (MPTransport)")
     d.add_argument("--plot", default="demo.png", help="PNG to write ('' for none; default demo.png)")
     d.add_argument("--no-progress", action="store_true", help="no progress bar even on a tty")
     d.add_argument("--strict", action="store_true", help="exit with status 1 when not solved")

@@ -22,7 +22,7 @@ def signature(td) -> tuple:
     """Hashable signature of one request; raises RequestError if it has none."""
     d = flat_leaves(td)
     if d is not None:
-        return (_FAST, td.batch_size, tuple([(k, v.shape, v.dtype, v.device) for k, v in d.items()]))
+        return (_FAST, td.batch_size, td.device, tuple([(k, v.shape, v.dtype, v.device) for k, v in d.items()]))
     if not isinstance(td, TensorDictBase):
         raise RequestError(f"request must be a TensorDict, got {type(td).__name__}")
     leaves = []
@@ -31,12 +31,12 @@ def signature(td) -> tuple:
             leaves.append((k, v.shape, v.dtype, v.device))
         else:  # non-tensor data: stackable as long as the key set agrees
             leaves.append((k, type(v).__name__))
-    return (_GENERAL, td.batch_size, tuple(leaves))
+    return (_GENERAL, td.batch_size, td.device, tuple(leaves))
 
 
 def describe_signature(sig: tuple) -> str:
     """Human-readable form of a signature, used in error messages."""
-    _, bs, leaves = sig
+    _, bs, _, leaves = sig
     parts = []
     for leaf in leaves:
         if len(leaf) == 4:
@@ -75,7 +75,7 @@ def stack_group(sig: tuple, tds: list) -> TensorDictBase:
         src = {}
         for k in tds[0]._tensordict:
             src[k] = torch.stack([td._tensordict[k] for td in tds])
-        return new_td(src, bs)
+        return new_td(src, bs, sig[2])
     return torch.stack(tds)  # copies: the batch never aliases a request
 
 
@@ -102,4 +102,5 @@ def split_rows(out, n: int, version_key, version: int) -> list:
     if version_key is not None:
         keys.append(version_key)
         cols.append(torch.full(out.batch_size, version, dtype=torch.int64).unbind(0))
-    return [new_td(dict(zip(keys, row)), row_bs) for row in zip(*cols)]
+    dev = out.device
+    return [new_td(dict(zip(keys, row)), row_bs, dev) for row in zip(*cols)]

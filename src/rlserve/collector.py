@@ -49,14 +49,18 @@ class AsyncBatchedCollector:
             limit; a dead server is still noticed within ~0.2 s).
         server_kwargs: extra keyword arguments for the :class:`InferenceServer`
             (``max_batch_size`` defaults to ``num_envs``).
-        actor_type: ``"thread"`` (the only one implemented).
+        actor_type: ``"thread"`` (default: actors are threads of this process) or
+            ``"process"`` (one child process per env, served through
+            :class:`~rlserve.MPTransport`; ``create_env_fn`` must then be
+            picklable, e.g. ``functools.partial(gym.make, "CartPole-v1")``).
+        mp_context: start method of process actors (default ``"spawn"``).
     """
 
     def __init__(self, create_env_fn, policy, frames_per_batch: int, total_frames: int = -1, *,
                  num_envs: int | None = None, weight_sync=None, max_buffered_frames: int | None = None,
                  seed: int | None = None, progress: bool | None = None, request_timeout: float | None = None,
                  obs_key: str = "observation", action_key: str = "action", server_kwargs: dict | None = None,
-                 actor_type: str = "thread"):
+                 actor_type: str = "thread", mp_context: str = "spawn"):
         if isinstance(create_env_fn, (list, tuple)):
             fns = list(create_env_fn)
             if num_envs is not None and num_envs != len(fns):
@@ -67,8 +71,9 @@ class AsyncBatchedCollector:
             raise TypeError("create_env_fn must be a callable (or a non-empty list of callables) returning an env")
         if frames_per_batch < 1:
             raise ValueError(f"frames_per_batch must be >= 1, got {frames_per_batch}")
-        if actor_type != "thread":
-            raise NotImplementedError(f"actor_type={actor_type!r}: only 'thread' actors are implemented")
+        if actor_type not in ("thread", "process"):
+            raise ValueError(f"actor_type must be 'thread' or 'process', got {actor_type!r}")
+        self.actor_type, self.mp_context = actor_type, mp_context
         self.create_env_fns = fns
         self.num_envs = len(fns)
         self.frames_per_batch = int(frames_per_batch)
@@ -80,7 +85,12 @@ class AsyncBatchedCollector:
         kw = dict(max_batch_size=self.num_envs)
         kw.update(server_kwargs or {})
         self.weight_sync = weight_sync
-        self.transport = ThreadingTransport()
+        if actor_type == "process":
+            from .transports.mp import MPTransport
+
+            self.transport = MPTransport(max_clients=max(64, self.num_envs))
+        else:
+            self.transport = ThreadingTransport()
         self.server = InferenceServer(policy, self.transport, weight_sync=weight_sync, **kw)
         cap = max_buffered_frames if max_buffered_frames is not None else 2 * self.frames_per_batch
         self._sink = Sink(self.frames_per_batch, max(cap, self.frames_per_batch))
@@ -102,6 +112,13 @@ class AsyncBatchedCollector:
         self.server.start()
         self._t0 = time.monotonic()
         client = self.transport.client()
+        if self.actor_type == "process":
+            from ._proc_actor import ProcessActors
+
+            self._threads.append(ProcessActors(
+                self.create_env_fns, client, self._sink, seed=self.seed, obs_key=self.obs_key,
+                action_key=self.action_key, timeout=self.request_timeout, mp_context=self.mp_context))
+            return self
         for i, fn in enumerate(self.create_env_fns):
             actor = EnvActor(i, fn, client, self._sink, seed=None if self.seed is None else self.seed + i,
                              obs_key=self.obs_key, action_key=self.action_key, timeout=self.request_timeout)
@@ -116,6 +133,9 @@ class AsyncBatchedCollector:
             return
         self._closed = True
         self._sink.stop()
+        for t in self._threads:
+            if hasattr(t, "stop"):  # process actors watch their own stop flag
+                t.stop()
         self.server.shutdown()  # actors blocked on an answer get ServerClosedError at once
         deadline = time.monotonic() + timeout
         for t in self._threads:

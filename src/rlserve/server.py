@@ -83,8 +83,8 @@ class InferenceServer:
         self._stop = False
         self._started = False
         self._died: BaseException | None = None
-        self._prev_threads: int | None = None
-        self._good_sig = None  # last signature the model accepted, for error messages
+        self._threads_released = False
+        self._accepted: dict = {}  # signatures the model ran, newest last (bounded), for error messages
         self._weights_lock = threading.Lock()
         self._pending_weights = None  # (weights, version) from update_weights()
 
@@ -97,15 +97,14 @@ class InferenceServer:
         """Start the serving thread. Returns ``self``."""
         if self._started:
             raise RuntimeError("an InferenceServer can be started once; create a new one")
-        self._started = True
-        if self.weight_sync is not None:
-            self.weight_sync.init_on_receiver(model=self.model, server=self)
-        if self.num_threads is not None:
-            self._prev_threads = torch.get_num_threads()
-            torch.set_num_threads(self.num_threads)
         attach = getattr(self.transport, "_attach", None)
         if attach is not None:
-            attach(self)
+            attach(self)  # refuses a transport another live server serves: before any side effect
+        if self.weight_sync is not None:
+            self.weight_sync.init_on_receiver(model=self.model, server=self)
+        self._started = True
+        if self.num_threads is not None:
+            _torch_threads.acquire(self.num_threads)
         reopen = getattr(self.transport, "_reopen", None)
         if reopen is not None:
             reopen()
@@ -130,9 +129,9 @@ class InferenceServer:
             self._thread.join(timeout)
             if self._thread.is_alive():
                 log.warning("%s: serving thread still busy after %s s (a slow forward?)", self.name, timeout)
-        if self._prev_threads is not None:
-            torch.set_num_threads(self._prev_threads)
-            self._prev_threads = None
+        if self.num_threads is not None and not self._threads_released:
+            self._threads_released = True
+            _torch_threads.release()
         closer = getattr(self.weight_sync, "_close_receiver", None)
         if closer is not None:
             closer()
@@ -149,6 +148,10 @@ class InferenceServer:
     def is_alive(self) -> bool:
         """True while the server accepts and runs requests."""
         return self._serving and self._thread is not None and self._thread.is_alive()
+
+    def _thread_running(self) -> bool:
+        t = self._thread
+        return t is not None and t.is_alive()
 
     def _raise_if_not_serving(self) -> None:
         # Hot path: one flag. The loop clears it on any exit, normal or not.
@@ -244,28 +247,29 @@ class InferenceServer:
                     tr.wait_for_work(wait)
                     continue
                 self._apply_weight_updates()
-                self._process(ins, cbs, ts)
-                ins, cbs, ts = [], [], []
+                batch_ins, batch_cbs, batch_ts = ins, cbs, ts
+                ins, cbs, ts = [], [], []  # _process answers every one of these, whatever happens
+                self._process(batch_ins, batch_cbs, batch_ts)
         except BaseException as e:  # the loop itself broke: never leave callers waiting
             self._died = e
-            self._serving = False
             log.exception("%s: serving loop died", self.name)
-            self._fail(cbs, ServerDeadError(f"the inference server died: {e!r}"))
-            cbs = []
         finally:
             self._serving = False
-            self._fail(cbs, ServerClosedError("the inference server shut down before running this request"))
-            self._fail_queued()
+            close = getattr(tr, "_close", None)
+            if close is not None:
+                close()  # refuse new requests before the last drain
+            if self._died is not None:
+                exc = ServerDeadError(f"the inference server died: {self._died!r}")
+            else:
+                exc = ServerClosedError("the inference server shut down before running this request")
+            self._fail(cbs, exc)
+            self._fail_queued(exc)
 
     def _fail(self, cbs, exc) -> None:
         for cb in cbs:
             self._resolve_exc(cb, exc)
 
-    def _fail_queued(self) -> None:
-        if self._died is not None:
-            exc = ServerDeadError(f"the inference server died: {self._died!r}")
-        else:
-            exc = ServerClosedError("the inference server shut down before running this request")
+    def _fail_queued(self, exc) -> None:
         for _ in range(1000):  # bounded: a misbehaving transport cannot keep us here
             try:
                 _, cbs = self.transport.drain(1 << 16)
@@ -292,15 +296,21 @@ class InferenceServer:
             (sig, _), = groups.items()
             self._run_group(sig, ins, cbs, ts)
             return
-        for sig, idx in groups.items():
-            self._run_group(sig, [ins[i] for i in idx], [cbs[i] for i in idx], [ts[i] for i in idx])
+        todo = list(groups.items())
+        for k, (sig, idx) in enumerate(todo):
+            try:
+                self._run_group(sig, [ins[i] for i in idx], [cbs[i] for i in idx], [ts[i] for i in idx])
+            except BaseException as e:  # the loop is dying: answer the groups not yet run
+                for _, rest in todo[k + 1:]:
+                    self._fail([cbs[i] for i in rest], ServerDeadError(f"the inference server died: {e!r}"))
+                raise
 
     def _run_group(self, sig, ins: list, cbs: list, ts: list) -> None:
         n = len(ins)
         tr = self.transport
         try:
             if self.collate_fn is not None:
-                batch = self.collate_fn([td.copy() for td in ins])
+                batch = self.collate_fn([td.clone() for td in ins])  # a copy: cannot alias requests
             else:
                 batch = stack_group(sig, ins)
             back_to = self.output_device
@@ -318,15 +328,22 @@ class InferenceServer:
                 rows = None
             else:
                 rows = split_rows(out, n, self.policy_version_key, self.policy_version)
-        except Exception as e:
+        except BaseException as e:
             self._stats.errors += n
-            exc = self._explain(sig, e)
+            exc = self._explain(sig, e) if isinstance(e, Exception) else e
             for cb in cbs:
                 self._resolve_exc(cb, exc)
+            if not isinstance(e, Exception):
+                raise  # KeyboardInterrupt / SystemExit: the batch is answered, now stop
             return
-        self._good_sig = sig
+        self._remember(sig)
         if resolve_batch is not None:
-            resolve_batch(cbs, out, rows)
+            try:
+                resolve_batch(cbs, out, rows)
+            except Exception:
+                # Contract: resolve_batch answers all rows or raises before answering any.
+                log.exception("%s: resolve_batch failed", self.name)
+                self._fail(cbs, ServerDeadError("the transport could not deliver this answer"))
         else:
             resolve = tr.resolve
             for cb, row in zip(cbs, rows):
@@ -336,11 +353,23 @@ class InferenceServer:
                     log.exception("%s: could not deliver an answer", self.name)
         self._stats.record_batch(n, t_fwd, _perf(), ts)
 
+    def _remember(self, sig) -> None:
+        acc = self._accepted
+        if sig not in acc:
+            acc[sig] = True
+            if len(acc) > 64:
+                del acc[next(iter(acc))]
+
     def _explain(self, sig, e: Exception) -> Exception:
-        """The model's own error, or a RequestError when the request's layout is the odd one out."""
-        good = self._good_sig
-        if good is None or good == sig:
+        """The model's own error, or a RequestError when an unseen request layout caused it.
+
+        Only plain built-in errors (the kind a shape, dtype or key mismatch
+        raises) are wrapped, and only for a layout the model never accepted
+        while it did accept another; the original stays as ``__cause__``.
+        """
+        if type(e) not in _LAYOUT_ERRORS or not self._accepted or sig in self._accepted:
             return e
+        good = next(reversed(self._accepted))
         err = RequestError(
             f"the model failed on a request whose layout differs from the one it accepts "
             f"({_diff(good, sig)}): {type(e).__name__}: {e}"
@@ -349,16 +378,51 @@ class InferenceServer:
         return err
 
 
+# What a request of the wrong keys, shape or dtype makes a model raise.
+_LAYOUT_ERRORS = (KeyError, RuntimeError, TypeError, ValueError, IndexError)
+
+
+class _TorchThreads:
+    """Process-wide torch thread count shared by every running server.
+
+    The first server to start saves the current count, the last to stop
+    restores it.
+    """
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._users = 0
+        self._saved = None
+
+    def acquire(self, n: int) -> None:
+        with self._lock:
+            if self._users == 0:
+                self._saved = torch.get_num_threads()
+            self._users += 1
+            torch.set_num_threads(n)
+
+    def release(self) -> None:
+        with self._lock:
+            self._users -= 1
+            if self._users == 0 and self._saved is not None:
+                torch.set_num_threads(self._saved)
+
+
+_torch_threads = _TorchThreads()
+
+
 def _sig_device(sig):
-    for leaf in sig[2]:
+    if sig[2] is not None:
+        return sig[2]
+    for leaf in sig[3]:
         if len(leaf) == 4:
             return leaf[3]
     return None
 
 
 def _diff(good, bad) -> str:
-    g = {leaf[0]: leaf for leaf in good[2]}
-    b = {leaf[0]: leaf for leaf in bad[2]}
+    g = {leaf[0]: leaf for leaf in good[3]}
+    b = {leaf[0]: leaf for leaf in bad[3]}
     parts = []
     missing = [k for k in g if k not in b]
     extra = [k for k in b if k not in g]

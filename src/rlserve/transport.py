@@ -20,7 +20,7 @@ from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 
 from ._td import TensorDictBase
-from .errors import ServerClosedError, ServerDeadError
+from .errors import ServerClosedError
 
 __all__ = ["InferenceTransport", "InferenceClient", "wait_future"]
 
@@ -65,6 +65,11 @@ class InferenceTransport(abc.ABC):
             raise RuntimeError("this transport is already served by another running InferenceServer")
         self._server = server
 
+    def _may_still_answer(self) -> bool:
+        """True while a (possibly shutting-down) server may still answer accepted requests."""
+        server = self._server
+        return server is not None and server._thread_running()
+
     def check_alive(self) -> None:
         """Raise ServerClosedError/ServerDeadError unless a server is serving this transport."""
         server = self._server
@@ -86,11 +91,13 @@ class InferenceClient:
 
     def __call__(self, td: TensorDictBase, timeout: float | None = None) -> TensorDictBase:
         """Submit ``td`` and wait for its answer (at most ``timeout`` seconds)."""
-        return wait_future(self.submit(td), timeout, self._transport.check_alive)
+        return wait_future(self.submit(td), timeout, self._transport)
 
 
-def wait_future(fut: Future, timeout: float | None, check_alive) -> object:
-    """``fut.result(timeout)`` that also raises if ``check_alive`` says the server is gone."""
+def wait_future(fut: Future, timeout: float | None, transport) -> object:
+    """``fut.result(timeout)`` that also raises once the server can no longer answer."""
+    if timeout is not None and timeout < 0:
+        raise ValueError(f"timeout must be >= 0 seconds or None, got {timeout}")
     deadline = None if timeout is None else time.monotonic() + timeout
     while True:
         step = LIVENESS_PERIOD_S
@@ -102,15 +109,13 @@ def wait_future(fut: Future, timeout: float | None, check_alive) -> object:
         try:
             return fut.result(timeout=step)
         except FutureTimeout:
-            if fut.done():  # resolved in the instant the wait timed out
+            if fut.done():  # resolved in the instant the wait timed out (or the model raised TimeoutError)
                 return fut.result()
             try:
-                check_alive()
-            except ServerDeadError:
-                raise
-            except ServerClosedError:
-                # A closing server answers everything it accepted; give it a moment.
-                try:
-                    return fut.result(timeout=LIVENESS_PERIOD_S)
-                except FutureTimeout:
-                    raise ServerClosedError("the inference server shut down before answering") from None
+                transport.check_alive()
+            except ServerClosedError as gone:
+                if not transport._may_still_answer():
+                    try:
+                        return fut.result(timeout=0.01)  # one last look: it may have just landed
+                    except FutureTimeout:
+                        raise gone from None

@@ -7,7 +7,9 @@
 * ``sync-vector``: one thread steps all envs, then one batched forward for
   all of them (lock-step vectorised envs, the usual single-process choice).
 
-Figures are frames/s of transitions handed to the caller.
+Figures are frames/s of transitions handed to the caller. ``--step-ms`` adds
+rows where every env step also sleeps that long (GIL released), standing for
+envs whose step waits on a simulator in C, a GPU or another machine.
 """
 from __future__ import annotations
 
@@ -28,16 +30,36 @@ def _policy():
     return make_policy(4, 2)
 
 
-def _make_env():
+class _Slow:
+    """CartPole whose step also waits ``ms`` milliseconds with the GIL released."""
+
+    def __init__(self, ms: float):
+        import gymnasium as gym
+
+        self.env, self.s = gym.make("CartPole-v1"), ms / 1e3
+
+    def reset(self, seed=None):
+        return self.env.reset(seed=seed)
+
+    def step(self, a):
+        time.sleep(self.s)
+        return self.env.step(a)
+
+
+def _make_env(ms: float = 0.0):
+    if ms > 0:
+        return _Slow(ms)
     import gymnasium as gym
 
     return gym.make("CartPole-v1")
 
 
-def bench_collector(n: int, seconds: float, fpb: int) -> dict:
+def bench_collector(n: int, seconds: float, fpb: int, ms: float = 0.0) -> dict:
+    from functools import partial
+
     from rlserve import AsyncBatchedCollector
 
-    with AsyncBatchedCollector(_make_env, _policy(), fpb, -1, num_envs=n, seed=0, progress=False) as c:
+    with AsyncBatchedCollector(partial(_make_env, ms), _policy(), fpb, -1, num_envs=n, seed=0, progress=False) as c:
         it = iter(c)
         next(it)  # warm-up batch
         frames = 0
@@ -49,8 +71,8 @@ def bench_collector(n: int, seconds: float, fpb: int) -> dict:
     return {"fps": frames / el, "batch": batch}
 
 
-def _loop(n: int, seconds: float, batched: bool) -> dict:
-    envs = [_make_env() for _ in range(n)]
+def _loop(n: int, seconds: float, batched: bool, ms: float = 0.0) -> dict:
+    envs = [_make_env(ms) for _ in range(n)]
     obs = [torch.as_tensor(e.reset(seed=i)[0]) for i, e in enumerate(envs)]
     policy = _policy()
     frames = 0
@@ -78,6 +100,8 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--seconds", type=float, default=3.0)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--frames-per-batch", type=int, default=1024)
+    ap.add_argument("--step-ms", type=float, nargs="+", default=[0.0, 1.0],
+                    help="extra sleep per env step, one set of rows each (default 0 1)")
     ap.add_argument("--no-wait-idle", action="store_true")
     a = ap.parse_args(argv)
     torch.set_num_threads(1)
@@ -87,18 +111,19 @@ def main(argv=None) -> list[dict]:
     for _ in range(a.repeats):
         if not a.no_wait_idle:
             wait_idle()
-        for n in a.actors:
-            res.setdefault(("collector", n), []).append(bench_collector(n, a.seconds, a.frames_per_batch))
-            res.setdefault(("per-env-calls", n), []).append(_loop(n, a.seconds, batched=False))
-            res.setdefault(("sync-vector", n), []).append(_loop(n, a.seconds, batched=True))
+        for ms in a.step_ms:
+            for n in a.actors:
+                fpb = min(a.frames_per_batch, max(n, int(a.seconds * n * 200))) if ms else a.frames_per_batch
+                res.setdefault((ms, "collector", n), []).append(bench_collector(n, a.seconds, fpb, ms))
+                res.setdefault((ms, "per-env-calls", n), []).append(_loop(n, a.seconds, False, ms))
+                res.setdefault((ms, "sync-vector", n), []).append(_loop(n, a.seconds, True, ms))
     rows = [{
-        "transport": name, "actors": n,
+        "env": f"CartPole+{ms:g}ms" if ms else "CartPole", "transport": name, "actors": n,
         "frames/s": summarize([r["fps"] for r in rs]),
         "batch": f"{statistics.median(r['batch'] for r in rs):.1f}",
         "_req_s": statistics.median(r["fps"] for r in rs),
-    } for (name, n), rs in res.items()]
-    rows.sort(key=lambda r: (r["transport"], r["actors"]))
-    print_table(rows, ["transport", "actors", "frames/s", "batch"])
+    } for (ms, name, n), rs in res.items()]
+    print_table(rows, ["env", "transport", "actors", "frames/s", "batch"])
     return rows
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import os
 import statistics
 import time
@@ -23,6 +24,7 @@ class DemoConfig:
     seed: int = 0
     hidden: int = 64
     progress: bool | None = None
+    actor_type: str = "thread"  # or "process": envs in child processes, served through MPTransport
     ppo: PPOConfig = field(default_factory=PPOConfig)
 
 
@@ -57,8 +59,8 @@ def train(cfg: DemoConfig, log=print) -> dict:
         scheme.init_on_sender(model=trainer_policy)
 
     collector = AsyncBatchedCollector(
-        lambda: gym.make(cfg.env), served, cfg.frames_per_batch, -1, num_envs=cfg.envs,
-        weight_sync=scheme, seed=cfg.seed, progress=False,
+        functools.partial(gym.make, cfg.env), served, cfg.frames_per_batch, -1, num_envs=cfg.envs,
+        weight_sync=scheme, seed=cfg.seed, progress=False, actor_type=cfg.actor_type,
     )
     curve = []  # (seconds since start, mean return of the window)
     lags: list[int] = []
@@ -104,6 +106,7 @@ def train(cfg: DemoConfig, log=print) -> dict:
     return {
         "env": cfg.env,
         "envs": cfg.envs,
+        "actor_type": cfg.actor_type,
         "weight_sync": type(scheme).__name__ if scheme is not None else "update_policy_weights_",
         "solved": solved_at is not None,
         "solve_time_s": solved_at,

@@ -200,7 +200,8 @@ class MPClient(InferenceClient):
             self._resp_bank, self._resp_views = bank, views
 
     def _deliver(self, slot, res, exc) -> None:
-        fut = self._futures.pop(slot, None)
+        with self._cv:
+            fut = self._futures.pop(slot, None)
         if fut is not None:
             try:
                 if exc is None:
@@ -226,7 +227,7 @@ class MPClient(InferenceClient):
             raise QueueFullError(f"{self._per} requests of this client already in flight (max_inflight)")
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
-            if self._reader is None or not self._reader.is_alive():
+            if self._reader is None:
                 with self._lock:  # nobody else reads: read answers ourselves
                     self._pump_one(None)
             else:
@@ -250,25 +251,29 @@ class MPClient(InferenceClient):
                 return
         self._send(W.pack(W.REQ_PICKLE, slot, _perf(), W.encode(td, self._token)))
 
-    def _start(self, td, timeout):
+    def _start(self, td, timeout, fut=None):
+        if not isinstance(td, TensorDictBase):
+            raise RequestError(f"request must be a TensorDict, got {type(td).__name__}")
         if self._pid != os.getpid():
             self._connect()
         if self._closed_seen is not None:
             raise self._gone()
-        if not isinstance(td, TensorDictBase):
-            raise RequestError(f"request must be a TensorDict, got {type(td).__name__}")
         slot = self._take_slot(timeout)
+        if fut is not None:
+            with self._cv:  # registered before sending: the answer may come at once
+                self._futures[slot] = fut
         try:
             self._post(td, slot)
         except BaseException:
             with self._cv:
+                self._futures.pop(slot, None)
                 self._free.append(slot)
             raise
         return slot
 
     def __call__(self, td: TensorDictBase, timeout: float | None = None) -> TensorDictBase:
         """Submit ``td`` and wait for its answer (at most ``timeout`` seconds)."""
-        if self._futures or (self._reader is not None and self._reader.is_alive()):
+        if self._futures or self._reader is not None:
             return wait_future(self.submit(td), timeout, self.check_alive)
         slot = self._start(td, timeout)
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -290,27 +295,26 @@ class MPClient(InferenceClient):
     def submit(self, td: TensorDictBase) -> Future:
         """Submit ``td``; returns a Future resolved by this process's reader thread."""
         fut = Future()
-        if self._pid != os.getpid():
-            self._connect()
-        with self._lock:
-            slot = self._start(td, None)
-            self._futures[slot] = fut
-        r = self._reader
-        if r is None or not r.is_alive():
-            self._reader = threading.Thread(target=self._read_loop, name="rlserve-mp-reader", daemon=True)
-            self._reader.start()
+        self._start(td, None, fut)
+        with self._cv:
+            if self._reader is None:
+                self._reader = threading.Thread(target=self._read_loop, name="rlserve-mp-reader", daemon=True)
+                self._reader.start()
         return fut
 
     def _read_loop(self) -> None:
         try:
             while True:
                 with self._lock:
-                    if not self._futures:
-                        self._reader = None
-                        return
+                    with self._cv:
+                        if not self._futures:
+                            self._reader = None
+                            return
                     self._pump_one(None)
         except BaseException as e:  # server gone: fail every pending future
-            futs, self._futures = self._futures, {}
+            with self._cv:
+                futs, self._futures = self._futures, {}
+                self._reader = None
             for fut in futs.values():
                 try:
                     fut.set_exception(e)

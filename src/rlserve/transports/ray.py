@@ -276,6 +276,8 @@ class RayTransport(InferenceTransport):
         self._closed_flag = True
         self._hb_thread = None
         self._hb_stop = threading.Event()
+        self._signal = threading.Lock()  # released when a long-poll lands
+        self._signal.acquire()
         if self._hosted:
             cls = ray.remote(_ServerActorImpl)
             self._handle = cls.options(**opts).remote(policy_factory, dict(server_kwargs or {}))
@@ -387,23 +389,39 @@ class RayTransport(InferenceTransport):
         s = self._server
         return s.max_batch_size if s is not None else 64
 
-    def _fetch(self, timeout: float) -> None:
-        """Wait up to ``timeout`` for the outstanding long-poll; keep one always in flight."""
-        ray = _ray()
-        if self._poll is None:
-            self._poll = self._handle.take.remote(self._max_take(), 0.25)
-        ready, _ = ray.wait([self._poll], timeout=max(0.0, timeout))
-        if not ready:
-            return
+    def _issue_poll(self) -> None:
+        """Send the long-poll that brings the gateway's pending requests; wake us when it lands."""
+        ref = self._handle.take.remote(self._max_take(), 0.25)
+        fut = ref.future()
+        self._poll = fut
+        fut.add_done_callback(self._poll_done)
+
+    def _poll_done(self, _fut) -> None:
         try:
-            items = ray.get(self._poll)
-        finally:
-            self._poll = None
+            self._signal.release()
+        except RuntimeError:  # already released
+            pass
+
+    def _fetch(self, timeout: float) -> None:
+        """Wait up to ``timeout`` for the long-poll (sent if none is in flight)."""
+        if self._poll is None:
+            self._issue_poll()
+        fut = self._poll
+        if not fut.done():
+            if timeout > 0:
+                self._signal.acquire(timeout=timeout)
+            else:
+                self._signal.acquire(blocking=False)
+            if not fut.done():
+                return
+        self._signal.acquire(blocking=False)  # consume a release left by this poll
+        self._poll = None
+        items = fut.result()
         now = _perf()
         for rid, payload, age in items:
             self._buf.append((rid, payload, now - age))
-        if not self._closed_flag:  # pipeline: the next poll gathers while we compute
-            self._poll = self._handle.take.remote(self._max_take(), 0.25)
+        # No new poll until the server is idle again: requests that arrive
+        # while the model runs gather in the gateway and come as one batch.
 
     def wait_for_work(self, timeout: float) -> None:
         if not self._buf:

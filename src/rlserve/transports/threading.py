@@ -78,27 +78,43 @@ class ThreadingTransport(InferenceTransport):
         self._put(td, fut, None)
         return fut
 
-    def _put(self, td, callback, timeout) -> None:
+    def _put(self, td, callback, deadline) -> None:
         if not isinstance(td, TensorDictBase):
             raise RequestError(f"request must be a TensorDict, got {type(td).__name__}")
         if self._closed:
             raise ServerClosedError("the inference server is shut down")
         if self._room is not None:
-            self._take_room(timeout)
-        self._q.append((td, callback, _perf()))
+            self._take_room(deadline)
+        item = (td, callback, _perf())
+        self._q.append(item)
+        if self._closed:  # shutdown raced us: it may have drained the queue for the last time
+            try:
+                self._q.remove(item)
+            except ValueError:
+                pass  # the server took it and will answer it
+            else:
+                if self._room is not None:
+                    self._room.release()
+                raise ServerClosedError("the inference server is shut down")
         if self._sleeping:
             self._wake()
 
-    def _take_room(self, timeout) -> None:
+    def _take_room(self, deadline) -> None:
         if not self.block_when_full:
             if not self._room.acquire(blocking=False):
                 raise QueueFullError(f"{self.max_pending} requests already pending (max_pending)")
             return
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while not self._room.acquire(timeout=LIVENESS_PERIOD_S):
+        while True:
+            step = LIVENESS_PERIOD_S
+            if deadline is not None:
+                step = min(step, deadline - time.monotonic())
+                if step <= 0:
+                    if self._room.acquire(blocking=False):
+                        return
+                    raise QueueFullError(f"no room before the call's timeout: {self.max_pending} requests pending")
+            if self._room.acquire(timeout=step):
+                return
             self.check_alive()
-            if deadline is not None and time.monotonic() >= deadline:
-                raise QueueFullError(f"no room within {timeout} s: {self.max_pending} requests pending")
 
     def client(self) -> "ThreadingClient":
         return ThreadingClient(self)
@@ -183,9 +199,23 @@ class ThreadingClient(InferenceClient):
             w = local.waiter
         except AttributeError:
             w = local.waiter = _Waiter()
-        tr._put(td, w, timeout)
-        if not w.lock.acquire(timeout=LIVENESS_PERIOD_S if timeout is None else min(timeout, LIVENESS_PERIOD_S)):
-            self._slow_wait(w, timeout)
+        if timeout is None:
+            deadline = None
+            step = LIVENESS_PERIOD_S
+        else:
+            if timeout < 0:
+                raise ValueError(f"timeout must be >= 0 seconds or None, got {timeout}")
+            deadline = time.monotonic() + timeout
+            step = min(timeout, LIVENESS_PERIOD_S)
+        tr._put(td, w, deadline)
+        try:
+            if not w.lock.acquire(timeout=step):
+                self._slow_wait(w, deadline, timeout)
+        except BaseException:
+            # Timed out, interrupted or refused: the answer may still arrive later,
+            # so this mailbox must never serve another call.
+            local.waiter = _Waiter()
+            raise
         exc = w.exc
         if exc is not None:
             w.exc = None
@@ -194,23 +224,21 @@ class ThreadingClient(InferenceClient):
         w.result = None
         return res
 
-    def _slow_wait(self, w: _Waiter, timeout: float | None) -> None:
-        deadline = None if timeout is None else time.monotonic() + timeout - LIVENESS_PERIOD_S
+    def _slow_wait(self, w: _Waiter, deadline, timeout) -> None:
         tr = self._transport
         while True:
             try:
                 tr.check_alive()
             except ServerClosedError:
-                # A closing server answers what it accepted; allow it a moment.
-                if w.lock.acquire(timeout=LIVENESS_PERIOD_S):
-                    return
-                self._local.waiter = _Waiter()  # the old one may still be answered later
-                raise
+                if not tr._may_still_answer():
+                    # Gone for good; one last look in case the answer just landed.
+                    if w.lock.acquire(timeout=0.01):
+                        return
+                    raise
             step = LIVENESS_PERIOD_S
             if deadline is not None:
                 step = min(step, deadline - time.monotonic())
                 if step <= 0:
-                    self._local.waiter = _Waiter()
                     raise TimeoutError(f"no answer from the inference server within {timeout} s")
             if w.lock.acquire(timeout=step):
                 return

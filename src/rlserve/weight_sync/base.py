@@ -4,7 +4,7 @@ from __future__ import annotations
 import abc
 
 import torch
-from tensordict import TensorDict, TensorDictBase
+from tensordict import TensorDictBase
 
 
 def weights_of(model) -> dict:

@@ -52,7 +52,9 @@ class SharedMemWeightSyncScheme(WeightSyncScheme):
         src = weights if weights is not None else model
         if src is None:
             return  # staging allocated at the first send or by the receiver (same process)
-        self._ensure_staging(src, who="trainer")
+        with self._send_lock:
+            self._ensure_staging(src)
+            prepare_weights(self._buf.template, src)  # a server may have allocated it first
 
     def send(self, model=None, weights=None, version: int | None = None) -> int:
         """Publish ``model``'s (or ``weights``') parameters and buffers; returns their version.
@@ -65,7 +67,7 @@ class SharedMemWeightSyncScheme(WeightSyncScheme):
         if src is None:
             raise ValueError("send() needs model=... or weights=... (or init_on_sender(model=...) first)")
         with self._send_lock:
-            self._ensure_staging(src, who="trainer")
+            self._ensure_staging(src)
             flat = prepare_weights(self._buf.template, src)
             return self._buf.write(flat, version)
 
@@ -81,7 +83,7 @@ class SharedMemWeightSyncScheme(WeightSyncScheme):
         self._receiver_model = model
         self._live = weights_of(model)
         with self._send_lock:
-            self._ensure_staging(model, who="server")
+            self._ensure_staging(model)
         try:
             prepare_weights(self._buf.template, self._live)
         except ValueError as e:
@@ -112,7 +114,7 @@ class SharedMemWeightSyncScheme(WeightSyncScheme):
         self._live = None
 
     # -- shared ------------------------------------------------------------------
-    def _ensure_staging(self, src, who: str) -> None:
+    def _ensure_staging(self, src) -> None:
         if self._buf is None:
             template = prepare_weights(weights_of(src), src)  # flat {name: tensor}
             self._buf = TripleBuffer(template, self.device)
