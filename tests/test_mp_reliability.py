@@ -90,7 +90,7 @@ def test_sigkilled_actor_gives_its_slots_back():
 
 def test_dead_server_process_fails_every_waiting_client_fast():
     ctx = mp.get_context("spawn")
-    ps = ProcessServer(functools.partial(slow_doubler, 3.0), max_batch_size=1).start()
+    ps = ProcessServer(functools.partial(slow_doubler, 120.0), max_batch_size=1).start()
     try:
         token = ps.transport.token
         q = ctx.Queue()
@@ -98,7 +98,7 @@ def test_dead_server_process_fails_every_waiting_client_fast():
         for p in actors:
             p.start()
         main_client = ps.client()
-        main_client(TensorDict(observation=torch.ones(8)))  # banks exist, everyone waits behind slow forwards
+        # the first request creates the banks, then sits in a long forward (the process is killed during it); the others queue behind it
         fut = main_client.submit(TensorDict(observation=torch.ones(8)))
         deadline = time.monotonic() + 60
         while ps.stats()["transport"]["clients"] < 3 and time.monotonic() < deadline:

@@ -194,25 +194,32 @@ def test_deadline_counts_from_the_oldest_request():
 
 def test_refused_start_changes_nothing():
     tr = ThreadingTransport()
-    before = torch.get_num_threads()
-    with InferenceServer(echo, tr, num_threads=None):
-        torch.set_num_threads(2)
+    with InferenceServer(echo, tr):
+        refused = InferenceServer(echo, tr)
         with pytest.raises(RuntimeError, match="already served"):
-            InferenceServer(echo, tr, num_threads=1).start()
-        assert torch.get_num_threads() == 2
-    torch.set_num_threads(before)
+            refused.start()
+        with pytest.raises(ServerClosedError, match="not started"):
+            refused._raise_if_not_serving()
+        assert torch.equal(tr.client()(td(1))["action"], torch.full((2,), 10.0))  # the first still serves
 
 
-def test_two_servers_share_the_thread_setting():
+def test_num_threads_applies_to_the_serving_thread_only():
+    seen = []
+
+    def model(batch):
+        seen.append(torch.get_num_threads())
+        return echo(batch)
+
     before = torch.get_num_threads()
-    torch.set_num_threads(2)  # differs from the servers' 1, so a wrong restore shows
-    a = InferenceServer(echo, ThreadingTransport(), num_threads=1).start()
-    b = InferenceServer(echo, ThreadingTransport(), num_threads=1).start()
-    a.shutdown()
-    assert torch.get_num_threads() == 1  # b still serves: not restored under it
-    b.shutdown()
-    assert torch.get_num_threads() == 2
-    torch.set_num_threads(before)
+    torch.set_num_threads(2)
+    try:
+        tr = ThreadingTransport()
+        with InferenceServer(model, tr, num_threads=1):
+            tr.client()(td())
+            assert torch.get_num_threads() == 2  # the caller's setting is untouched
+        assert seen == [1]
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_request_device_survives_the_fast_path():

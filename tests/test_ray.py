@@ -222,8 +222,9 @@ def test_killed_server_actor_gives_clear_error_fast():
     tr = RayTransport(make_doubler, server_kwargs={"max_batch_size": 8})
     client = tr.client()
     caller = Caller.remote(client)
+    assert ray.get(caller.call.remote(1), timeout=60)[0] == "ok"
     ref = caller.loop_until_error.remote(60)
-    time.sleep(1.0)
+    time.sleep(0.5)
     t_kill = time.monotonic()
     ray.kill(tr.actor)
     n, err, _ = ray.get(ref, timeout=60)

@@ -8,8 +8,8 @@ import time
 import torch
 
 from .batching import BatchPolicy
-from .collate import describe_signature, group_by_signature, split_rows, stack_group
-from .errors import RequestError, ServerClosedError, ServerDeadError
+from .collate import explain_failure, group_by_signature, signature_device, split_rows, stack_group
+from .errors import ServerClosedError, ServerDeadError
 from .stats import ServerStats
 
 __all__ = ["InferenceServer"]
@@ -42,10 +42,10 @@ class InferenceServer:
             receiver side and applies new weights between batches.
         policy_version_key: key of the integer version stamped on every
             answer; ``None`` disables the stamp.
-        num_threads: ``torch.set_num_threads`` while serving (restored at
-            shutdown). Intra-op threads spinning against actor threads make a
-            small machine collapse, hence 1; ``None`` leaves torch alone. Note
-            the setting is process-wide.
+        num_threads: ``torch.set_num_threads`` on the serving thread (a
+            per-thread setting: the caller's threads keep theirs). Intra-op
+            threads spinning against actor threads make a small machine
+            collapse, hence 1; ``None`` leaves the thread's default.
     """
 
     def __init__(
@@ -83,7 +83,6 @@ class InferenceServer:
         self._stop = False
         self._started = False
         self._died: BaseException | None = None
-        self._threads_released = False
         self._accepted: dict = {}  # signatures the model ran, newest last (bounded), for error messages
         self._weights_lock = threading.Lock()
         self._pending_weights = None  # (weights, version) from update_weights()
@@ -103,8 +102,6 @@ class InferenceServer:
         if self.weight_sync is not None:
             self.weight_sync.init_on_receiver(model=self.model, server=self)
         self._started = True
-        if self.num_threads is not None:
-            _torch_threads.acquire(self.num_threads)
         reopen = getattr(self.transport, "_reopen", None)
         if reopen is not None:
             reopen()
@@ -129,9 +126,6 @@ class InferenceServer:
             self._thread.join(timeout)
             if self._thread.is_alive():
                 log.warning("%s: serving thread still busy after %s s (a slow forward?)", self.name, timeout)
-        if self.num_threads is not None and not self._threads_released:
-            self._threads_released = True
-            _torch_threads.release()
         closer = getattr(self.weight_sync, "_close_receiver", None)
         if closer is not None:
             closer()
@@ -215,7 +209,10 @@ class InferenceServer:
 
     # -- the loop --------------------------------------------------------------
     def _run(self) -> None:
-        torch.set_grad_enabled(False)  # grad mode is thread-local: this thread only
+        # Both are per-thread settings: they apply to the serving thread only.
+        torch.set_grad_enabled(False)
+        if self.num_threads is not None:
+            torch.set_num_threads(self.num_threads)
         tr = self.transport
         policy = self.batching
         drain = getattr(tr, "drain_timed", None)
@@ -316,7 +313,7 @@ class InferenceServer:
             back_to = self.output_device
             if self.device is not None:
                 if back_to is None:
-                    back_to = _sig_device(sig)
+                    back_to = signature_device(sig)
                 batch = batch.to(self.device)
             t0 = _perf()
             out = self.model(batch)
@@ -361,84 +358,4 @@ class InferenceServer:
                 del acc[next(iter(acc))]
 
     def _explain(self, sig, e: Exception) -> Exception:
-        """The model's own error, or a RequestError when an unseen request layout caused it.
-
-        Only plain built-in errors (the kind a shape, dtype or key mismatch
-        raises) are wrapped, and only for a layout the model never accepted
-        while it did accept another; the original stays as ``__cause__``.
-        """
-        if type(e) not in _LAYOUT_ERRORS or not self._accepted or sig in self._accepted:
-            return e
-        good = next(reversed(self._accepted))
-        err = RequestError(
-            f"the model failed on a request whose layout differs from the one it accepts "
-            f"({_diff(good, sig)}): {type(e).__name__}: {e}"
-        )
-        err.__cause__ = e
-        return err
-
-
-# What a request of the wrong keys, shape or dtype makes a model raise.
-_LAYOUT_ERRORS = (KeyError, RuntimeError, TypeError, ValueError, IndexError)
-
-
-class _TorchThreads:
-    """Process-wide torch thread count shared by every running server.
-
-    The first server to start saves the current count, the last to stop
-    restores it.
-    """
-
-    def __init__(self):
-        self._lock = threading.Lock()
-        self._users = 0
-        self._saved = None
-
-    def acquire(self, n: int) -> None:
-        with self._lock:
-            if self._users == 0:
-                self._saved = torch.get_num_threads()
-            self._users += 1
-            torch.set_num_threads(n)
-
-    def release(self) -> None:
-        with self._lock:
-            self._users -= 1
-            if self._users == 0 and self._saved is not None:
-                torch.set_num_threads(self._saved)
-
-
-_torch_threads = _TorchThreads()
-
-
-def _sig_device(sig):
-    if sig[2] is not None:
-        return sig[2]
-    for leaf in sig[3]:
-        if len(leaf) == 4:
-            return leaf[3]
-    return None
-
-
-def _diff(good, bad) -> str:
-    g = {leaf[0]: leaf for leaf in good[3]}
-    b = {leaf[0]: leaf for leaf in bad[3]}
-    parts = []
-    missing = [k for k in g if k not in b]
-    extra = [k for k in b if k not in g]
-    if missing:
-        parts.append(f"missing keys {missing}")
-    if extra:
-        parts.append(f"unexpected keys {extra}")
-    for k in g.keys() & b.keys():
-        if g[k] != b[k]:
-            parts.append(f"{k!r} is {_leaf(b[k])}, expected {_leaf(g[k])}")
-    if good[1] != bad[1]:
-        parts.append(f"batch_size {list(bad[1])}, expected {list(good[1])}")
-    return "; ".join(parts) or f"got {describe_signature(bad)}"
-
-
-def _leaf(leaf) -> str:
-    if len(leaf) == 4:
-        return f"shape={list(leaf[1])} dtype={leaf[2]}"
-    return leaf[1]
+        return explain_failure(self._accepted, sig, e)
