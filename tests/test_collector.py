@@ -1,5 +1,4 @@
 """AsyncBatchedCollector: real gymnasium envs, plain envs, errors, server death, weight updates."""
-import threading
 import time
 
 import gymnasium as gym

@@ -39,14 +39,20 @@ def _policy():
 
 def test_process_actors_cartpole_layout():
     make = functools.partial(gym.make, "CartPole-v1")
-    with AsyncBatchedCollector(make, _policy(), 64, 128, num_envs=2, actor_type="process", seed=0) as c:
-        td = torch.cat(list(c))
+    with AsyncBatchedCollector(make, _policy(), 64, -1, num_envs=2, actor_type="process", seed=0) as c:
+        batches = []
+        for b in c:  # the children start at different times: read until both have spoken
+            batches.append(b)
+            if len(torch.cat(batches)["env_id"].unique()) == 2 or len(batches) > 2000:
+                break
+        td = torch.cat(batches)
         parent = os.getpid()
         pids = [p.pid for p in c._threads[0].procs]
-    assert td.shape == (128,) and c.frames == 128
+    n = td.shape[0]
+    assert all(b.shape == (64,) for b in batches) and c.frames == n
     assert parent not in pids and len(set(pids)) == 2
-    assert td["observation"].shape == (128, 4) and td["next", "reward"].shape == (128, 1)
-    assert td["action_log_prob"].shape == (128,) and (td["policy_version"] == 0).all()
+    assert td["observation"].shape == (n, 4) and td["next", "reward"].shape == (n, 1)
+    assert td["action_log_prob"].shape == (n,) and (td["policy_version"] == 0).all()
     assert sorted(td["env_id"].unique().tolist()) == [0, 1]
     for e in range(2):  # per env, consecutive steps chain up
         s = td[td["env_id"] == e]
@@ -57,7 +63,7 @@ def test_process_actors_cartpole_layout():
 
 @pytest.mark.parametrize("how,match", [
     ("raise", r"environment 1 raised in step\(.*ArithmeticError: pole fell through the floor"),
-    ("exit", r"environment 1 raised in its actor process: RuntimeError: the process exited with code 3"),
+    ("exit", r"environment 1 raised in its actor process: RuntimeError: the process exited with code 3 "),
 ])
 def test_process_actor_failure_names_env(how, match):
     fns = [functools.partial(gym.make, "CartPole-v1"), functools.partial(CrashingCartPole, how)]
@@ -69,3 +75,8 @@ def test_process_actor_failure_names_env(how, match):
                 pass
     assert time.monotonic() - t0 < 60  # generous: child start-up (spawn + import torch) dominates
     assert not any(p.is_alive() for p in c._threads[0].procs)
+
+
+def test_process_actors_need_picklable_env_fn():
+    with pytest.raises(TypeError, match="env 0 cannot be pickled.*functools.partial"):
+        AsyncBatchedCollector(lambda: gym.make("CartPole-v1"), _policy(), 64, num_envs=2, actor_type="process")

@@ -88,22 +88,25 @@ def test_sigkilled_actor_gives_its_slots_back():
         assert server.is_alive
 
 
+def _announced_call(client, q):
+    q.put(("calling", os.getpid()))
+    _one_call(client, q)
+
+
 def test_dead_server_process_fails_every_waiting_client_fast():
     ctx = mp.get_context("spawn")
     ps = ProcessServer(functools.partial(slow_doubler, 120.0), max_batch_size=1).start()
     try:
         token = ps.transport.token
         q = ctx.Queue()
-        actors = [ctx.Process(target=_one_call, args=(ps.client(), q), daemon=True) for _ in range(2)]
+        actors = [ctx.Process(target=_announced_call, args=(ps.client(), q), daemon=True) for _ in range(2)]
         for p in actors:
             p.start()
         main_client = ps.client()
         # the first request creates the banks, then sits in a long forward (the process is killed during it); the others queue behind it
         fut = main_client.submit(TensorDict(observation=torch.ones(8)))
-        deadline = time.monotonic() + 60
-        while ps.stats()["transport"]["clients"] < 3 and time.monotonic() < deadline:
-            time.sleep(0.1)
-        time.sleep(0.3)
+        assert [q.get(timeout=60)[0] for _ in actors] == ["calling"] * 2
+        time.sleep(2.0)  # their requests (or registrations) now wait on the busy server
         os.kill(ps.pid, signal.SIGKILL)
         t0 = time.monotonic()
         with pytest.raises(ServerDeadError):

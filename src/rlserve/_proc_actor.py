@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from ._env_actor import EnvActor, EnvError, Sink
-from .errors import ServerClosedError, ServerDeadError
+from .errors import ServerDeadError
 
 __all__ = ["ProcessActors"]
 
@@ -157,11 +157,12 @@ class ProcessActors:
             if time.monotonic() >= next_check:  # a child killed outright sends nothing
                 next_check = time.monotonic() + _WAIT_S
                 for i, p in enumerate(self.procs):
-                    if p.exitcode not in (None, 0) and not sink.stopped:
+                    if p.exitcode is not None and not sink.stopped:
                         time.sleep(_WAIT_S)  # let its own error message arrive first
                         self._drain_errors()
                         sink.fail(EnvError(i, "its actor process", RuntimeError(
-                            f"the process exited with code {p.exitcode}")))
+                            f"the process exited with code {p.exitcode} (its stderr may say why)")))
+                        return
 
     def _drain_errors(self) -> None:
         try:
@@ -188,4 +189,5 @@ class ProcessActors:
         self.q.close()
 
     def is_alive(self) -> bool:
-        return any(p.is_alive() for p in self.procs)
+        # the feeder outlives the children until it has reported why they are gone
+        return self.feeder.is_alive() or any(p.is_alive() for p in self.procs)

@@ -104,15 +104,38 @@ def _bench(a) -> int:
             rows.append({"bench": name, **r})
     print("\n=== all benchmarks (median [min-max] over repeats)")
     if rows:
-        cols: list[str] = []
-        for r in rows:
-            cols += [k for k in r if not k.startswith("_") and k not in cols]
-        print_table(rows, cols)
+        print_table([_unify(r) for r in rows], ["bench", "case", "actors", "rate/s", "p50 us", "p99 us", "batch", "other"])
     for s in skipped:
         print(f"skipped: {s}")
     if a.plot and rows:
         print(f"plot: {_bench_plot(rows, a.plot)}")
     return 0 if rows else 1
+
+
+_CASE = ("env", "transport", "model", "size", "placement", "mode", "obs")
+_COUNT = ("actors", "procs")
+_KEEP = ("p50 us", "p99 us", "batch")
+
+
+def _is_rate(k: str) -> bool:
+    return "/s" in k or k.startswith("req_s")
+
+
+def _unify(r: dict) -> dict:
+    """One benchmark row in the shared columns; whatever else it says goes to ``other``."""
+    rates = [k for k in r if _is_rate(k) and not k.startswith("_")]
+    out = {
+        "bench": r["bench"],
+        "case": " ".join(str(r[k]) for k in _CASE if r.get(k) not in (None, "")),
+        "actors": next((r[k] for k in _COUNT if k in r), ""),
+        "rate/s": (f"{r[rates[0]]} ({rates[0]})" if len(rates) == 1
+                   else "; ".join(f"{k}={r[k]}" for k in rates)),
+    }
+    out.update({k: r[k] for k in _KEEP if k in r})
+    rest = [k for k in r if k not in out and k not in _CASE + _COUNT + _KEEP and k not in rates
+            and not k.startswith("_") and k != "bench"]
+    out["other"] = " ".join(f"{k}={r[k]}" for k in rest)
+    return out
 
 
 def _rate(r: dict) -> float | None:
@@ -142,7 +165,7 @@ def _bench_plot(rows: list[dict], path: str) -> str:
     fig, ax = plt.subplots(figsize=(max(6, 0.4 * len(pts) + 2), 4.5))
     ax.bar(range(len(pts)), [v for _, v in pts], color=[f"C{benches.index(r['bench']) % 10}" for r, _ in pts])
     ax.set_xticks(range(len(pts)), labels, rotation=60, ha="right", fontsize=7)
-    ax.set_ylabel("requests/s (median)")
+    ax.set_ylabel("requests or frames per s (median)")
     ax.set_yscale("log")
     ax.set_title("rlserve bench")
     fig.tight_layout()

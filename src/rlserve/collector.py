@@ -74,6 +74,8 @@ class AsyncBatchedCollector:
         if actor_type not in ("thread", "process"):
             raise ValueError(f"actor_type must be 'thread' or 'process', got {actor_type!r}")
         self.actor_type, self.mp_context = actor_type, mp_context
+        if actor_type == "process" and mp_context != "fork":
+            _check_picklable(fns)
         self.create_env_fns = fns
         self.num_envs = len(fns)
         self.frames_per_batch = int(frames_per_batch)
@@ -260,3 +262,17 @@ class AsyncBatchedCollector:
             "elapsed_s": el,
             "server": self.server.stats(),
         }
+
+
+def _check_picklable(fns) -> None:
+    """Process actors receive their env factory by pickle: fail here, clearly, not in a child."""
+    import pickle
+
+    for i, fn in enumerate(fns):
+        try:
+            pickle.dumps(fn)
+        except Exception as e:
+            raise TypeError(
+                f"create_env_fn for env {i} cannot be pickled ({type(e).__name__}: {e}); process actors need "
+                "a picklable factory such as functools.partial(gym.make, 'CartPole-v1') or a module-level "
+                "function, not a lambda or a local function") from e

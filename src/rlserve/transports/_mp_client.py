@@ -46,6 +46,7 @@ class MPClient(InferenceClient):
         self._srv = W.server_address(self._token)
         self._pid = None
         self._sock = None
+        self._probe = None
         self._lock = threading.RLock()   # one thread reads the socket at a time
         self._cv = threading.Condition(threading.Lock())  # slot freed / answer in
         self._reset_state()
@@ -62,6 +63,7 @@ class MPClient(InferenceClient):
         self._req_views = self._resp_views = None
         self._closed_seen = None  # None, "closed" or "dead"
         self._registered = False
+        self._contacted = False  # a message reached the server once: losing it now means it died
         self._reader = None
         self._buf = bytearray(W.HLEN + W.INLINE_MAX + 64)
         self._view = memoryview(self._buf)
@@ -86,6 +88,7 @@ class MPClient(InferenceClient):
         self._sock = sock
         self._pid = os.getpid()
         self._send(W.pack(W.REGISTER, 0, 0.0, W.encode(os.getpid(), self._token)))
+        self._contacted = True
         deadline = time.monotonic() + _REGISTER_TIMEOUT_S
         while not self._registered:
             self._pump_one(deadline)
@@ -115,7 +118,7 @@ class MPClient(InferenceClient):
         """The error for a server we can no longer reach."""
         if self._closed_seen == "closed":
             return ServerClosedError("the inference server shut down before answering")
-        if self._closed_seen == "dead" or self._registered:
+        if self._closed_seen == "dead" or self._registered or self._contacted:
             self._closed_seen = "dead"
             for b in (self._req_bank, self._resp_bank):  # a dead server cannot unlink them
                 if b is not None:
@@ -125,15 +128,20 @@ class MPClient(InferenceClient):
             "no InferenceServer is serving this MPTransport (not started yet, shut down, or its process died)")
 
     def check_alive(self) -> None:
-        """Raise ServerClosedError/ServerDeadError unless the server answers a probe."""
+        """Raise ServerClosedError/ServerDeadError unless the server's socket still exists.
+
+        ``connect`` on a datagram socket only looks the address up: it puts
+        nothing in the server's (short) queue, however often it is called.
+        """
         if self._closed_seen is not None:
             raise self._gone()
+        probe = self._probe
+        if probe is None or probe[0] != os.getpid():
+            probe = self._probe = (os.getpid(), socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM))
         try:
-            self._sock.sendto(W.pack(W.PING, 0, 0.0), self._srv)
+            probe[1].connect(self._srv)
         except (ConnectionRefusedError, FileNotFoundError):
             raise self._gone() from None
-        except (BlockingIOError, TimeoutError):
-            pass  # its queue is full: it is alive, only busy
 
     def _send(self, msg) -> None:
         while True:
@@ -143,7 +151,8 @@ class MPClient(InferenceClient):
             except (ConnectionRefusedError, FileNotFoundError):
                 raise self._gone() from None
             except (BlockingIOError, TimeoutError):
-                continue  # the server's queue is full; it drains it as fast as it can
+                self._contacted = True  # a live server whose queue is full: it drains it soon
+                self.check_alive()
 
     # -- receiving ---------------------------------------------------------------------
     def _pump_one(self, deadline) -> bool:

@@ -353,7 +353,11 @@ class RayTransport(InferenceTransport):
         self._closed_flag = True
         self._stop_heartbeat()
         if self._handle is not None:
-            self._handle.set_state.remote("closed", "the inference server is shut down")
+            died = getattr(self._server, "_died", None)
+            if died is not None:
+                self._handle.set_state.remote("dead", f"the inference server died: {died!r}")
+            else:
+                self._handle.set_state.remote("closed", "the inference server is shut down")
 
     def _stop_heartbeat(self) -> None:
         self._hb_stop.set()

@@ -34,12 +34,12 @@ def _ray():
 
 
 class _MailboxImpl:
-    """Holds the newest (version, [ObjectRef]) and who applied what."""
+    """Holds the newest (version, [ObjectRef]) and the newest version a server has taken."""
 
     def __init__(self):
         self.version = 0
         self.box = None
-        self.applied = 0
+        self.taken = 0
         self._cond = None
 
     def _c(self) -> asyncio.Condition:
@@ -66,16 +66,16 @@ class _MailboxImpl:
                 return None
         return self.version, self.box
 
-    async def mark_applied(self, version: int) -> None:
-        self.applied = max(self.applied, version)
+    async def mark_taken(self, version: int) -> None:
+        self.taken = max(self.taken, version)
         async with self._c():
             self._c().notify_all()
 
-    async def wait_applied(self, version: int, wait_s: float) -> bool:
+    async def wait_taken(self, version: int, wait_s: float) -> bool:
         c = self._c()
         async with c:
             try:
-                await asyncio.wait_for(c.wait_for(lambda: self.applied >= version), wait_s)
+                await asyncio.wait_for(c.wait_for(lambda: self.taken >= version), wait_s)
             except asyncio.TimeoutError:
                 return False
         return True
@@ -92,8 +92,9 @@ class RayWeightSyncScheme(WeightSyncScheme):
     Trainer side: ``init_on_sender(model=...)`` (optional; lets ``send``
     check weights before they travel), then ``send(model=...)`` or
     ``send(weights=state_dict)``. ``send(..., wait=True)`` returns only once
-    the server has applied those weights, so every request submitted after
-    it is answered with them (or newer).
+    the server process holds those weights; the server applies them before
+    its next batch, so every request submitted after ``send`` returns is
+    answered with them (or newer).
 
     Args:
         actor_options: ``.options(...)`` of the mailbox actor.
@@ -123,7 +124,7 @@ class RayWeightSyncScheme(WeightSyncScheme):
     # -- trainer side -------------------------------------------------------------------
     def send(self, model=None, weights=None, version: int | None = None, wait: bool = False,
              timeout: float = 60.0) -> int:
-        """Publish new weights; returns their version (``wait``: until the server applied them)."""
+        """Publish new weights; returns their version (``wait``: until a server has taken them)."""
         ray = _ray()
         if weights is None:
             model = model if model is not None else self._sender_model
@@ -139,8 +140,8 @@ class RayWeightSyncScheme(WeightSyncScheme):
         flat = {k: v.detach().to("cpu", copy=True) for k, v in dict(weights).items()}
         ref = ray.put(flat)
         v = ray.get(self._mailbox.publish.remote([ref], version), timeout=timeout)
-        if wait and not ray.get(self._mailbox.wait_applied.remote(v, timeout), timeout=timeout + 5):
-            raise TimeoutError(f"the server did not apply weights version {v} within {timeout} s")
+        if wait and not ray.get(self._mailbox.wait_taken.remote(v, timeout), timeout=timeout + 5):
+            raise TimeoutError(f"no server took weights version {v} within {timeout} s")
         return v
 
     # -- server side --------------------------------------------------------------------
@@ -149,7 +150,18 @@ class RayWeightSyncScheme(WeightSyncScheme):
         self._issue_poll()
 
     def _issue_poll(self) -> None:
-        self._poll = self._mailbox.newer_than.remote(self._seen, _POLL_S).future()
+        fut = self._mailbox.newer_than.remote(self._seen, _POLL_S).future()
+        self._poll = fut
+        fut.add_done_callback(self._landed)
+
+    def _landed(self, fut) -> None:
+        """The new version reached this server: the next batch applies it before it runs."""
+        try:
+            res = fut.result()
+        except Exception:
+            return
+        if res is not None:
+            self._mailbox.mark_taken.remote(res[0])
 
     def receive(self) -> int | None:
         """Apply the newest published weights if they have arrived; never blocks on the trainer."""
@@ -176,7 +188,6 @@ class RayWeightSyncScheme(WeightSyncScheme):
             self._issue_poll()
             return None
         self._seen = version
-        self._mailbox.mark_applied.remote(version)
         self._issue_poll()
         return version
 

@@ -1,0 +1,298 @@
+"""MonarchTransport: actors in Monarch process meshes; one endpoint call per request.
+
+Built only on torchmonarch's actor API (``monarch.actor``: ``Actor``,
+``endpoint``/``concurrent_endpoint``, ``this_host``/``this_proc``); it never
+imports Monarch's torch-linked tensor engine (``monarch.common._C`` and
+friends are built for another torch). Tested with torchmonarch 0.7.0.
+
+Two ways to host the server (see docs/monarch.md):
+
+* **in a Monarch actor** -- ``MonarchTransport(policy_factory=make_policy, server_kwargs=...)``
+  spawns one process, builds the policy there and serves it. Each request is one
+  ``call_one`` of an async ``@concurrent_endpoint`` that enqueues the request and
+  awaits its row; the server batches whatever calls are pending.
+* **in the driver** -- ``InferenceServer(policy, MonarchTransport())``: the
+  endpoint actor is spawned *in the driver process* (``this_proc().spawn``) and
+  enqueues straight into this transport's queue, so requests still cost one
+  Monarch call and no extra hop.
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+
+from ..errors import ServerDeadError
+from ..transport import InferenceClient
+from ._remote import EventLoopQueueTransport, decode_td, encode_td, reply_error, unwrap_reply
+
+__all__ = ["MonarchTransport", "MonarchClient"]
+
+log = logging.getLogger("rlserve")
+
+# transports whose endpoint actor lives in this (driver) process, by key
+_LOCAL: dict = {}
+_keys = itertools.count()
+
+
+def _monarch():
+    # Faster failure detection: Monarch's supervision polls every 10 s by default.
+    os.environ.setdefault("HYPERACTOR_MESH_SUPERVISION_POLL_FREQUENCY", "1s")
+    try:
+        import monarch.actor as ma
+    except ImportError:
+        raise ImportError("MonarchTransport needs torchmonarch: pip install 'rlserve[monarch]'") from None
+    return ma
+
+
+def _is_supervision_error(e: BaseException) -> bool:
+    return type(e).__name__ in ("SupervisionError", "ActorError", "MeshFailure") and not _carries_user_error(e)
+
+
+def _carries_user_error(e) -> bool:
+    return type(e).__name__ == "ActorError" and not isinstance(getattr(e, "exception", None), BaseException)
+
+
+def _translate(e: BaseException) -> BaseException:
+    if isinstance(e, TimeoutError):
+        return e
+    if _is_supervision_error(e):
+        err = ServerDeadError(f"the Monarch server actor is gone ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
+        err.__cause__ = e
+        return err
+    return e
+
+
+class MonarchClient(InferenceClient):
+    """Actor-side client; picklable (holds the server's single-actor mesh)."""
+
+    _pool: ThreadPoolExecutor | None = None
+    _pool_lock = threading.Lock()
+
+    def __init__(self, ref):
+        self._ref = ref
+
+    def __reduce__(self):
+        return (MonarchClient, (self._ref,))
+
+    def __call__(self, td, timeout: float | None = None):
+        payload = encode_td(td)
+        try:
+            reply = self._ref.infer.call_one(payload).get(timeout=timeout)
+        except TimeoutError:
+            raise TimeoutError(f"no answer from the inference server within {timeout} s") from None
+        except BaseException as e:
+            raise _translate(e) from None
+        return unwrap_reply(reply)
+
+    def submit(self, td) -> Future:
+        """Send now; the returned Future is completed by a small waiter pool in this process."""
+        mfut = self._ref.infer.call_one(encode_td(td))
+        cls = type(self)
+        with cls._pool_lock:
+            if cls._pool is None:
+                cls._pool = ThreadPoolExecutor(32, thread_name_prefix="rlserve-monarch-wait")
+
+        def wait():
+            try:
+                reply = mfut.get()
+            except BaseException as e:
+                raise _translate(e) from None
+            return unwrap_reply(reply)
+
+        return cls._pool.submit(wait)
+
+
+async def _enqueue(transport: EventLoopQueueTransport, payload):
+    loop = asyncio.get_running_loop()
+    try:
+        transport.check_alive()
+        fut = loop.create_future()
+        transport._put(decode_td(payload), (loop, fut), None)
+    except Exception as e:
+        return reply_error(e)
+    return await fut
+
+
+def _actor_classes():
+    """Define the actor classes on first use, so importing this module needs no Monarch."""
+    global _ServerActor, _Gateway
+    if "_ServerActor" in globals():
+        return _ServerActor, _Gateway
+    ma = _monarch()
+
+    class _ServerActor(ma.Actor):
+        """Policy from a factory + InferenceServer, in its own Monarch process."""
+
+        def __init__(self, policy_factory, server_kwargs):
+            from ..server import InferenceServer
+
+            self._transport = EventLoopQueueTransport()
+            self._server = InferenceServer(policy_factory(), self._transport, **server_kwargs)
+            self._server.start()
+
+        @ma.concurrent_endpoint
+        async def infer(self, payload):
+            try:
+                return await _enqueue(self._transport, payload)
+            except BaseException as e:  # an escaping exception would fail the actor
+                return reply_error(e)
+
+        @ma.endpoint
+        async def stats(self):
+            return self._server.stats()
+
+        @ma.endpoint
+        async def pid(self):
+            return os.getpid()
+
+        @ma.endpoint
+        async def update_weights(self, weights, version=None):
+            self._server.update_weights(weights, version)
+
+        @ma.endpoint
+        async def shutdown(self):
+            await asyncio.get_running_loop().run_in_executor(None, self._server.shutdown)
+
+    class _Gateway(ma.Actor):
+        """Endpoint actor living in the driver: enqueues into the driver's transport."""
+
+        def __init__(self, key):
+            self._key = key
+
+        @ma.concurrent_endpoint
+        async def infer(self, payload):
+            tr = _LOCAL.get(self._key)
+            if tr is None:
+                return reply_error(ServerDeadError("the driver's MonarchTransport is gone"))
+            try:
+                return await _enqueue(tr, payload)
+            except BaseException as e:
+                return reply_error(e)
+
+    _ServerActor.__module__ = _Gateway.__module__ = __name__
+    _ServerActor.__qualname__, _Gateway.__qualname__ = "_ServerActor", "_Gateway"
+    globals()["_ServerActor"], globals()["_Gateway"] = _ServerActor, _Gateway
+    return _ServerActor, _Gateway
+
+
+def _keep_driver_alive(ma) -> None:
+    """Monarch's default fault hook exits the driver when an owned mesh fails; log instead."""
+    if getattr(ma.unhandled_fault_hook, "_rlserve", False):
+        return
+
+    def hook(failure):
+        log.warning("rlserve: a Monarch mesh failed (clients will get ServerDeadError): %s", str(failure).splitlines()[0])
+
+    hook._rlserve = True
+    ma.unhandled_fault_hook = hook
+
+
+class MonarchTransport(EventLoopQueueTransport):
+    """Serve Monarch actors; the server runs in the driver or in a Monarch actor.
+
+    Args:
+        policy_factory: when given, spawn one Monarch process, build the policy
+            there with ``policy_factory()`` (picklable; defined in an importable
+            module or in ``__main__``) and serve it; else use this transport with
+            an ``InferenceServer`` in the driver.
+        server_kwargs: keyword arguments of that ``InferenceServer``.
+        procs: a ``ProcMesh`` of one process to host the server (default: a new one).
+        keep_driver_alive: replace Monarch's fault hook (which ends the driver
+            when a mesh it owns fails) by a warning, so a dead server becomes
+            :class:`~rlserve.ServerDeadError` for clients instead.
+
+    Needs torchmonarch (``pip install 'rlserve[monarch]'``), tested with 0.7.0.
+    """
+
+    def __init__(self, policy_factory=None, *, server_kwargs: dict | None = None, procs=None,
+                 keep_driver_alive: bool = True):
+        super().__init__()
+        ma = _monarch()
+        if keep_driver_alive:
+            _keep_driver_alive(ma)
+        server_cls, gateway_cls = _actor_classes()
+        self._hosted = policy_factory is not None
+        self._own_procs = None
+        if self._hosted:
+            if procs is None:
+                procs = self._own_procs = ma.this_host().spawn_procs()
+            mesh = procs.spawn(f"rlserve_server_{next(_keys)}", server_cls, policy_factory, dict(server_kwargs or {}))
+            self._ref = _single(mesh)
+            self._ref.stats.call_one().get(timeout=120)  # built and serving (surfaces factory errors)
+        else:
+            if server_kwargs:
+                raise ValueError("server_kwargs only apply with policy_factory (server in a Monarch actor)")
+            self._key = f"{os.getpid()}-{next(_keys)}"
+            _LOCAL[self._key] = self
+            self._ref = _single(ma.this_proc().spawn(f"rlserve_gateway_{self._key}", gateway_cls, self._key))
+
+    @property
+    def actor(self):
+        """The single-actor mesh clients call."""
+        return self._ref
+
+    def client(self) -> MonarchClient:
+        return MonarchClient(self._ref)
+
+    def stats(self, timeout: float = 30.0) -> dict:
+        """The Monarch-hosted server's stats."""
+        self._need_hosted("stats")
+        return self._ref.stats.call_one().get(timeout=timeout)
+
+    def update_weights(self, weights, version: int | None = None, timeout: float = 60.0) -> None:
+        """Hand weights to the Monarch-hosted server; applied between batches."""
+        self._need_hosted("update_weights")
+        self._ref.update_weights.call_one(weights, version).get(timeout=timeout)
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        """Stop the hosted server and its process (if this transport spawned it)."""
+        if self._hosted:
+            try:
+                self._ref.shutdown.call_one().get(timeout=timeout)
+            except Exception:  # already dead: stopping the procs settles it
+                pass
+            if self._own_procs is not None:
+                try:
+                    self._own_procs.stop().get(timeout=timeout)
+                except Exception as e:
+                    log.warning("rlserve: stopping the Monarch server process failed: %r", e)
+                self._own_procs = None
+        else:
+            _LOCAL.pop(getattr(self, "_key", None), None)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.shutdown()
+
+    def _need_hosted(self, what):
+        if not self._hosted:
+            raise RuntimeError(f"{what}() is for a server hosted in a Monarch actor; use the InferenceServer in the driver")
+
+    def _attach(self, server) -> None:
+        if self._hosted:
+            raise RuntimeError(
+                "this MonarchTransport already runs its own InferenceServer in a Monarch actor (policy_factory); "
+                "do not wrap it in another InferenceServer"
+            )
+        super()._attach(server)
+
+    def __reduce__(self):
+        raise TypeError("MonarchTransport stays in the driver; pass transport.client() to actors instead")
+
+
+def _single(mesh):
+    """The one-actor view of a mesh of size one (what ``call_one`` needs)."""
+    return mesh
+
+
+def __getattr__(name):
+    # Monarch children unpickle the actor classes by reference: build them on demand.
+    if name in ("_ServerActor", "_Gateway"):
+        return dict(zip(("_ServerActor", "_Gateway"), _actor_classes()))[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

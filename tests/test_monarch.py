@@ -1,0 +1,152 @@
+"""MonarchTransport on a real Monarch process mesh (torchmonarch 0.7, actor API only)."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from tensordict import TensorDict
+
+# Monarch children import actor classes by module name: let them find this file.
+_here = os.path.dirname(os.path.abspath(__file__))
+os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (_here, os.environ.get("PYTHONPATH", "")) if p)
+pytest.importorskip("monarch.actor")
+from monarch.actor import Actor, endpoint, this_host  # noqa: E402
+
+from rlserve import InferenceServer, MonarchTransport, RequestError, ServerClosedError, ServerDeadError  # noqa: E402
+from rlserve.bench.common import seed_policy  # noqa: E402
+
+
+def obs(v, n=8):
+    return TensorDict(observation=torch.full((n,), float(v)))
+
+
+class Caller(Actor):
+    """A Monarch actor holding a client, used like any rlserve actor."""
+
+    def __init__(self, client):
+        self.client = client
+
+    @endpoint
+    def call(self, v, n=8):
+        try:
+            out = self.client(obs(v, n), timeout=30)
+            return ("ok", out["action"].tolist(), int(out["policy_version"]))
+        except Exception as e:
+            return ("err", type(e).__name__, str(e))
+
+    @endpoint
+    def loop(self, seconds):
+        n, t_end = 0, time.monotonic() + seconds
+        while time.monotonic() < t_end:
+            try:
+                self.client(obs(1), timeout=30)
+                n += 1
+            except Exception as e:
+                return n, type(e).__name__, str(e)
+        return n, None, ""
+
+
+@pytest.fixture(scope="module")
+def mesh():
+    procs = this_host().spawn_procs(per_host={"procs": 4})
+    yield procs
+    procs.stop().get()
+
+
+def test_import_without_monarch_names_the_extra():
+    code = ("import sys; sys.modules['monarch'] = None; sys.modules['monarch.actor'] = None\n"
+            "import rlserve\n"
+            "try:\n    rlserve.MonarchTransport()\nexcept ImportError as e:\n    print(e)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert "pip install 'rlserve[monarch]'" in out.stdout, out.stderr
+
+
+def test_hosted_server_serves_a_mesh_concurrently(mesh):
+    expected = seed_policy()
+    with MonarchTransport(seed_policy, server_kwargs={"max_batch_size": 8}) as tr:
+        callers = mesh.spawn("callers_a", Caller, tr.client())
+        for _ in range(3):  # four processes call at once, several rounds
+            res = list(callers.call.call(2.0).get(timeout=60).values())
+            assert all(r[0] == "ok" and r[2] == 0 for r in res), res
+            want = expected(obs(2.0))["action"]
+            for r in res:
+                assert torch.allclose(torch.tensor(r[1]), want, atol=1e-6)
+        s = tr.stats()
+        assert s["requests"] == 12 and s["batches"] <= 12
+        # the driver's own client and submit()
+        f = tr.client().submit(obs(1.0))
+        assert torch.allclose(f.result(timeout=30)["action"], expected(obs(1.0))["action"], atol=1e-6)
+
+
+def test_driver_hosted_server(mesh):
+    tr = MonarchTransport()
+    try:
+        callers = mesh.spawn("callers_b", Caller, tr.client())
+        res = list(callers.call.call(1.0).get(timeout=60).values())
+        assert all(r[0] == "err" and r[1] == "ServerClosedError" for r in res)  # not started yet
+        with InferenceServer(seed_policy(), tr, max_batch_size=8) as server:
+            res = list(callers.call.call(1.0).get(timeout=60).values())
+            assert all(r[0] == "ok" for r in res), res
+            assert server.stats()["requests"] == 4
+        with pytest.raises(ServerClosedError):
+            tr.client()(obs(1), timeout=10)
+    finally:
+        tr.shutdown()
+
+
+def test_bad_input_fails_only_its_sender(mesh):
+    with MonarchTransport(seed_policy, server_kwargs={"max_batch_size": 8}) as tr:
+        client = tr.client()
+        assert client(obs(1))["action"].shape == (4,)
+        callers = mesh.spawn("callers_c", Caller, client)
+        one = callers.slice(procs=0)
+        bad = one.call.call_one(1.0, 5)  # wrong observation width from one actor
+        good = callers.slice(procs=1).call.call_one(1.0)
+        r_bad, r_good = bad.get(timeout=60), good.get(timeout=60)
+        assert r_bad[0] == "err" and r_bad[1] == "RequestError" and "observation" in r_bad[2]
+        assert r_good[0] == "ok"
+        with pytest.raises(RequestError):
+            client([1, 2, 3])
+        assert tr.actor.infer.call_one("garbage").get(timeout=30)[0] == "err"
+        assert client(obs(3))["action"].shape == (4,)  # still serving
+
+
+def test_killed_server_gives_clear_error_fast(mesh):
+    tr = MonarchTransport(seed_policy)
+    client = tr.client()
+    callers = mesh.spawn("callers_d", Caller, client)
+    loop = callers.slice(procs=0).loop.call_one(60)
+    time.sleep(1.0)
+    os.kill(tr.actor.pid.call_one().get(timeout=30), signal.SIGKILL)
+    t0 = time.monotonic()
+    n, err, msg = loop.get(timeout=60)
+    assert n > 0 and err == "ServerDeadError", (n, err, msg)
+    assert time.monotonic() - t0 < 10
+    with pytest.raises(ServerDeadError):
+        client(obs(1), timeout=30)
+    tr.shutdown()
+
+
+def test_killed_client_process_harms_nothing():
+    victim_procs = this_host().spawn_procs(per_host={"procs": 1})
+    with MonarchTransport(seed_policy) as tr:
+        client = tr.client()
+        victim = victim_procs.spawn("victim", Caller, client)
+        assert victim.call.call_one(1.0).get(timeout=60)[0] == "ok"
+        victim.loop.call_one(30)  # busy when it dies; never awaited
+        time.sleep(0.5)
+        pid = victim_procs.spawn("pidder", _Pid).pid.call_one().get(timeout=30)
+        os.kill(pid, signal.SIGKILL)
+        time.sleep(1.0)
+        for v in range(5):
+            assert client(obs(v), timeout=30)["action"].shape == (4,)
+        assert tr.stats()["errors"] == 0
+
+
+class _Pid(Actor):
+    @endpoint
+    def pid(self):
+        return os.getpid()
