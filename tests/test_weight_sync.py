@@ -176,11 +176,23 @@ def test_newest_wins_without_queueing():
     scheme = SharedMemWeightSyncScheme()
     scheme.init_on_sender(model=trainer)
     with InferenceServer(model, ThreadingTransport(), weight_sync=scheme) as server:
+        applied = []
+        real_receive = scheme.receive
+
+        def counting_receive():  # a spy on the real method: counts the sets actually copied in
+            v = real_receive()
+            if v is not None:
+                applied.append(v)
+            return v
+
+        scheme.receive = counting_receive
+        time.sleep(0.1)  # the idle loop may pick up nothing meanwhile: no sends yet
         for k in range(1, 51):
             fill_(trainer, k)
             scheme.send(model=trainer)
         assert check_answer(server.client()(obs(), timeout=10)) == (50, True)
-    assert len(scheme._buf.slots) == 3
+    # one copy of the newest set, not fifty queued ones (the idle loop may catch an early one)
+    assert applied[-1] == 50 and len(applied) <= 3
 
 
 def test_server_never_waits_for_the_trainer():
@@ -301,3 +313,18 @@ def test_weights_cross_devices_cuda():
             assert scheme.send(model=trainer) == 1
             out = server.client()(obs(), timeout=30)
             assert check_answer(out) == (1, True) and out["probe"].device.type == "cpu"
+
+
+def test_update_weights_is_refused_next_to_a_scheme():
+    """Two version sources on one server could run versions backwards: one source only."""
+    model, trainer = probe_module(), probe_module()
+    scheme = SharedMemWeightSyncScheme()
+    scheme.init_on_sender(model=trainer)
+    server = InferenceServer(model, ThreadingTransport(), weight_sync=scheme)
+    fill_(trainer, 1)
+    assert scheme.send(model=trainer) == 1
+    fill_(trainer, 7)
+    with pytest.raises(RuntimeError, match="scheme.send"):
+        server.update_weights(trainer.state_dict(), version=7)
+    with server:
+        assert check_answer(server.client()(obs(), timeout=10)) == (1, True)  # the scheme's set, untouched

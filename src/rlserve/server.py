@@ -177,8 +177,14 @@ class InferenceServer:
         between batches. Only the newest pending set is kept. Returns the
         version answers will carry (``version``, or one past the newest known).
         """
-        from .weight_sync import prepare_weights, snapshot_weights, weights_of
+        from .weight_sync import NoWeightSyncScheme, prepare_weights, snapshot_weights, weights_of
 
+        if self.weight_sync is not None and not isinstance(self.weight_sync, NoWeightSyncScheme):
+            # two sources of versions could interleave and run backwards: one source per server
+            raise RuntimeError(
+                "this server takes its weights from its weight_sync scheme; "
+                "send them with scheme.send(...) instead of update_weights()"
+            )
         live = weights_of(self.model)
         target = snapshot_weights(prepare_weights(live, weights), live)
         with self._weights_lock:
@@ -188,10 +194,10 @@ class InferenceServer:
             self._pending_weights = (target, int(version))
         t = self._thread
         if t is None or not t.is_alive():  # no serving thread that could be mid-forward
-            self._apply_weight_updates()
+            self._apply_weight_updates(from_scheme=False)
         return int(version)
 
-    def _apply_weight_updates(self) -> None:
+    def _apply_weight_updates(self, from_scheme: bool = True) -> None:
         """Serving thread, between batches: apply the newest weights from update_weights / weight_sync."""
         if self._pending_weights is not None:
             from .weight_sync import copy_weights_
@@ -202,7 +208,7 @@ class InferenceServer:
                 copy_weights_(self.model, pending[0])
                 self.policy_version = pending[1]
         ws = self.weight_sync
-        if ws is not None:
+        if ws is not None and from_scheme:
             v = ws.receive()
             if v is not None:
                 self.policy_version = int(v)

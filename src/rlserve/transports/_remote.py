@@ -1,33 +1,41 @@
 """Pieces shared by the transports whose callers live in other processes (Ray, Monarch).
 
-* a wire codec: a flat TensorDict of CPU tensors travels as numpy arrays,
-  which pickle about 10x faster than torch tensors (no ``torch.save`` per
-  leaf); anything else travels as the TensorDict itself;
-* replies are ``("ok", payload)`` or ``("err", exception)`` tuples, so an
+* a wire codec: a flat TensorDict of CPU tensors travels as one ``bytes``
+  object (a protocol-5 pickle of its numpy arrays). Both engines pass
+  ``bytes`` through untouched, while a tuple of numpy arrays costs Ray
+  ~15 us of serialisation each way and a TensorDict ~100 us. Anything else
+  travels as the TensorDict itself;
+* replies are the encoded row (``bytes``), ``("ok", TensorDict)`` for
+  TensorDicts the codec cannot flatten, or ``("err", exception)``, so an
   error reaches the one caller that caused it with its own type, and the
   remote engine never sees an exception it might treat as an actor failure;
-* :class:`EventLoopQueueTransport`: the in-actor queue between an actor's
-  asyncio endpoint (one coroutine per pending request) and the
-  :class:`~rlserve.InferenceServer` thread, answering a whole batch with a
-  single ``call_soon_threadsafe``.
+* :class:`WaiterQueueTransport`: the in-actor queue between request threads
+  (Ray threaded actor) and the :class:`~rlserve.InferenceServer` thread;
+* :class:`EventLoopQueueTransport`: the same between an asyncio endpoint
+  (Monarch) and the server thread, answering a batch with a single
+  ``call_soon_threadsafe``.
 """
 from __future__ import annotations
 
 import logging
 import pickle
+import threading
 
 import numpy as np
 import torch
 
-from .._td import TensorDict, TensorDictBase, flat_leaves, new_td
-from ..errors import RequestError
-from .threading import ThreadingTransport
+from .._td import TensorDictBase, flat_leaves, new_td
+from ..errors import RequestError, ServerClosedError
+from ..transport import LIVENESS_PERIOD_S
+from .threading import ThreadingTransport, _Waiter
 
-__all__ = ["encode_td", "decode_td", "encode_rows", "reply_error", "unwrap_reply", "EventLoopQueueTransport"]
+__all__ = ["encode_td", "decode_td", "encode_rows", "reply_error", "unwrap_reply",
+           "EventLoopQueueTransport", "WaiterQueueTransport"]
 
 log = logging.getLogger("rlserve")
 
-_FLAT = "rlserve.flat"  # marker of the numpy wire format
+_dumps = pickle.dumps
+_loads = pickle.loads
 
 
 def encode_td(td) -> object:
@@ -42,7 +50,7 @@ def encode_td(td) -> object:
                 arrays.append(v.numpy())
             except (TypeError, RuntimeError):  # e.g. bfloat16 has no numpy dtype
                 return td
-        return (_FLAT, tuple(td.batch_size), tuple(d), tuple(arrays))
+        return _dumps((tuple(td.batch_size), tuple(d), tuple(arrays)), 5)
     if isinstance(td, TensorDictBase):
         return td
     raise RequestError(f"request must be a TensorDict, got {type(td).__name__}")
@@ -50,19 +58,23 @@ def encode_td(td) -> object:
 
 def decode_td(payload) -> TensorDictBase:
     """Inverse of :func:`encode_td`; raises RequestError for anything else."""
-    if type(payload) is tuple and len(payload) == 4 and payload[0] == _FLAT:
-        _, bs, keys, arrays = payload
-        src = {}
-        for k, a in zip(keys, arrays):
-            if not isinstance(a, np.ndarray):
-                raise RequestError(f"malformed request: leaf {k!r} is a {type(a).__name__}")
-            if not a.flags.writeable:  # zero-copy buffers from the engine are read-only
-                a = a.copy()
-            src[k] = torch.from_numpy(a)
+    if type(payload) is bytes:
         try:
-            return TensorDict(src, batch_size=bs)  # checked constructor: payloads are untrusted
-        except Exception as e:
-            raise RequestError(f"malformed request: {e}") from None
+            bs, keys, arrays = _loads(payload)
+            bs = torch.Size(bs)
+            src = {}
+            for k, a in zip(keys, arrays, strict=True):
+                if type(k) is not str or type(a) is not np.ndarray:
+                    raise TypeError(f"leaf {k!r} is a {type(a).__name__}")
+                if not a.flags.writeable:
+                    a = a.copy()
+                t = torch.from_numpy(a)
+                if t.shape[: len(bs)] != bs:
+                    raise ValueError(f"leaf {k!r} has shape {list(t.shape)}, batch_size is {list(bs)}")
+                src[k] = t
+        except Exception as e:  # payloads come from other processes: check, never trust
+            raise RequestError(f"malformed request: {type(e).__name__}: {e}") from None
+        return new_td(src, bs)  # checked above, so skip the constructor's own checks
     if isinstance(payload, TensorDictBase):
         return payload
     raise RequestError(f"request must be a TensorDict, got {type(payload).__name__}")
@@ -93,7 +105,7 @@ def encode_rows(out, n: int, version_key, version: int) -> list:
         keys = keys + (version_key,)
         cols.append(np.full(tuple(out.batch_size), version, dtype=np.int64))
     row_bs = tuple(out.batch_size[1:])
-    return [("ok", (_FLAT, row_bs, keys, tuple(c[i, ...] for c in cols))) for i in range(n)]
+    return [_dumps((row_bs, keys, tuple([c[i] for c in cols])), 5) for i in range(n)]
 
 
 def reply_error(exc: BaseException) -> tuple:
@@ -106,7 +118,9 @@ def reply_error(exc: BaseException) -> tuple:
 
 
 def unwrap_reply(reply) -> TensorDictBase:
-    """Turn a reply tuple into the answer, or raise the error it carries."""
+    """Turn a reply into the answer, or raise the error it carries."""
+    if type(reply) is bytes:
+        return decode_td(reply)
     kind, value = reply
     if kind == "ok":
         return decode_td(value)
@@ -160,3 +174,64 @@ class EventLoopQueueTransport(ThreadingTransport):
             loop.call_soon_threadsafe(_deliver, futs, replies)
         except RuntimeError:  # the actor's loop is closed: the actor is going away
             log.debug("rlserve: dropped %d answers for a closed event loop", len(futs))
+
+
+class WaiterQueueTransport(ThreadingTransport):
+    """In-actor queue for request *threads*: each blocks on its own reusable lock.
+
+    Used by the Ray server actor, a threaded actor: Ray runs each ``infer``
+    call in one of its request threads, which enqueues and blocks (GIL
+    released) until the server thread hands it the encoded row. One thread
+    hop each way; no event loop to wake (measured ~25% less server CPU per
+    request than an async actor awaiting futures on its loop).
+    """
+
+    wants_rows = False
+
+    def __init__(self):
+        super().__init__()
+        self._local = threading.local()
+
+    def call(self, payload):
+        """Serve one encoded request on the calling thread; returns the reply."""
+        local = self._local
+        try:
+            w = local.waiter
+        except AttributeError:
+            w = local.waiter = _Waiter()
+        try:
+            self.check_alive()
+            self._put(decode_td(payload), w, None)
+        except Exception as e:
+            return reply_error(e)
+        # The server answers every request it accepted, even when it dies or
+        # shuts down; the liveness check covers a server that can no longer.
+        while not w.lock.acquire(timeout=LIVENESS_PERIOD_S):
+            try:
+                self.check_alive()
+            except ServerClosedError as e:
+                if self._may_still_answer():
+                    continue
+                if w.lock.acquire(timeout=0.01):  # one last look: it may have just landed
+                    break
+                local.waiter = _Waiter()  # a late answer must not reach the next call
+                return reply_error(e)
+        r = w.result
+        w.result = None
+        return r
+
+    def resolve_batch(self, callbacks, batch_out, rows) -> None:
+        s = self._server
+        try:
+            replies = encode_rows(batch_out, len(callbacks), s.policy_version_key, s.policy_version)
+        except Exception as e:
+            replies = [reply_error(e)] * len(callbacks)
+        for cb, r in zip(callbacks, replies):
+            cb.set_result(r)
+
+    def resolve(self, callback, result) -> None:
+        s = self._server
+        callback.set_result(encode_rows(result.unsqueeze(0), 1, s.policy_version_key, s.policy_version)[0])
+
+    def resolve_exception(self, callback, exc: BaseException) -> None:
+        callback.set_result(reply_error(exc))

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import os
 import threading
 import time
 from collections import deque
@@ -28,7 +29,7 @@ from concurrent.futures import Future
 
 from ..errors import ServerClosedError, ServerDeadError
 from ..transport import InferenceClient, InferenceTransport
-from ._remote import EventLoopQueueTransport, decode_td, encode_rows, encode_td, reply_error, unwrap_reply
+from ._remote import WaiterQueueTransport, decode_td, encode_rows, encode_td, reply_error, unwrap_reply
 
 __all__ = ["RayTransport", "RayClient"]
 
@@ -104,43 +105,56 @@ def _translate(e: BaseException, what: str) -> BaseException:
 
 # -- server hosted in a Ray actor ---------------------------------------------------
 class _ServerActorImpl:
-    """Body of the server actor: policy from a factory, InferenceServer on an in-actor queue."""
+    """Body of the server actor: policy from a factory, InferenceServer on an in-actor queue.
+
+    A *threaded* actor: each ``infer`` call runs in one of Ray's request
+    threads, enqueues and blocks until its row is ready. Measured against an
+    async actor awaiting a future per request, this costs about a quarter
+    less server CPU per request (one thread hop each way, no event loop to
+    wake). Control calls run in their own small concurrency group, so they
+    are never stuck behind a full pool of waiting ``infer`` calls.
+    """
 
     def __init__(self, policy_factory, server_kwargs):
         from ..server import InferenceServer
 
-        self._transport = EventLoopQueueTransport()
+        self._transport = WaiterQueueTransport()
         self._server = InferenceServer(policy_factory(), self._transport, **server_kwargs)
         self._server.start()
 
-    async def infer(self, payload):
-        loop = asyncio.get_running_loop()
-        try:
-            self._transport.check_alive()
-            fut = loop.create_future()
-            self._transport._put(decode_td(payload), (loop, fut), None)
-        except Exception as e:
-            return reply_error(e)
-        return await fut
+    def infer(self, payload):
+        return self._transport.call(payload)
 
-    async def ready(self) -> bool:
+    def ready(self) -> bool:
         return True
 
-    async def stats(self) -> dict:
+    def pid(self) -> int:
+        return os.getpid()
+
+    def stats(self) -> dict:
         return self._server.stats()
 
-    async def update_weights(self, boxed, version=None) -> int:
+    def update_weights(self, boxed, version=None) -> int:
         # boxed: [ObjectRef or weights], so Ray resolves nothing on our behalf
         import ray
 
         w = boxed[0]
         if isinstance(w, ray.ObjectRef):
-            w = await w
-        self._server.update_weights(w, version)
-        return version if version is not None else -1
+            w = ray.get(w, timeout=60)
+        return self._server.update_weights(w, version)
 
-    async def shutdown(self) -> None:
-        await asyncio.get_running_loop().run_in_executor(None, self._server.shutdown)
+    def shutdown(self) -> None:
+        self._server.shutdown()
+
+
+_CONTROL_GROUP = "rlserve_control"
+
+
+def _server_actor_class(ray, groups: dict):
+    """The Ray actor class, control methods placed in their own concurrency group."""
+    for name in ("ready", "pid", "stats", "update_weights", "shutdown"):
+        ray.method(concurrency_group=_CONTROL_GROUP)(getattr(_ServerActorImpl, name))
+    return ray.remote(concurrency_groups={**groups, _CONTROL_GROUP: 2})(_ServerActorImpl)
 
 
 # -- gateway for a server hosted in the driver ----------------------------------------
@@ -251,6 +265,9 @@ class RayTransport(InferenceTransport):
         startup_timeout: seconds to wait for the server actor to be built.
         dead_after: driver-hosted mode only: clients get ServerDeadError when
             the driver's server sends no heartbeat for this many seconds.
+        max_callers: actor-hosted mode only: request threads of the server
+            actor, i.e. how many calls it holds at once (more wait in Ray's
+            queue); keep it at or above ``max_batch_size``.
 
     Needs Ray (``pip install 'rlserve[ray]'``); ``ray.init()`` is called on
     first use if the caller has not done it.
@@ -266,9 +283,10 @@ class RayTransport(InferenceTransport):
         actor_options: dict | None = None,
         startup_timeout: float = 120.0,
         dead_after: float = 3.0,
+        max_callers: int = 256,
     ):
         ray = _ray()
-        opts = {"num_cpus": 0, "max_concurrency": 10_000}
+        opts = {"num_cpus": 0}
         opts.update(actor_options or {})
         self._hosted = policy_factory is not None
         self._buf: deque = deque()
@@ -279,12 +297,14 @@ class RayTransport(InferenceTransport):
         self._signal = threading.Lock()  # released when a long-poll lands
         self._signal.acquire()
         if self._hosted:
-            cls = ray.remote(_ServerActorImpl)
+            opts.setdefault("max_concurrency", max_callers)  # request threads: calls served at once
+            cls = _server_actor_class(ray, opts.pop("concurrency_groups", None) or {})
             self._handle = cls.options(**opts).remote(policy_factory, dict(server_kwargs or {}))
             ray.get(self._handle.ready.remote(), timeout=startup_timeout)  # surfaces factory errors
         else:
             if server_kwargs:
                 raise ValueError("server_kwargs only apply with policy_factory (server in a Ray actor)")
+            opts.setdefault("max_concurrency", 10_000)  # async actor: pending calls are cheap coroutines
             cls = ray.remote(_GatewayImpl)
             self._handle = cls.options(**opts).remote(dead_after)
             ray.get(self._handle.set_state.remote("closed", "the inference server is not started; call server.start() first"), timeout=startup_timeout)

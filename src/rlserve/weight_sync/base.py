@@ -69,8 +69,15 @@ def copy_weights_(model, weights: dict, live: dict | None = None) -> None:
     """
     if live is None:
         live = weights_of(model)
+    cuda = None
     for k, dst in live.items():
-        dst.copy_(weights[k], non_blocking=False)
+        src = weights[k]
+        dst.copy_(src, non_blocking=False)
+        if cuda is None and (src.is_cuda or dst.is_cuda):
+            cuda = src.device if src.is_cuda else dst.device
+    if cuda is not None:
+        # GPU copies are asynchronous: finish them before the source slot may be reused
+        torch.cuda.synchronize(cuda)
 
 
 def snapshot_weights(weights: dict, like: dict) -> dict:

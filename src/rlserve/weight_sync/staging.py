@@ -97,7 +97,10 @@ class TripleBuffer:
         dst = self.slots[slot]
         with torch.no_grad():
             for name, t in dst.items():
-                t.copy_(weights[name])  # blocking copy: data complete before publish
+                t.copy_(weights[name])
+        if self.device.type == "cuda":
+            # copies into GPU memory are asynchronous: the data must be complete before publish
+            torch.cuda.synchronize(self.device)
         with self._lock:
             v = int(c[VERSION]) + 1 if version is None else int(version)
             c[VERSION] = v
