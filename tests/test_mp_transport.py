@@ -9,7 +9,8 @@ import torch.nn as nn
 from tensordict import NonTensorData, TensorDict
 from tensordict.nn import TensorDictModule
 
-from rlserve import InferenceServer, MPTransport, QueueFullError, RequestError, ServerClosedError
+from rlserve import (InferenceServer, MPTransport, QueueFullError, RequestError, ServerClosedError,
+                     ServerDeadError)
 from rlserve.bench.common import seed_policy
 
 
@@ -257,5 +258,125 @@ def test_shutdown_answers_closed_and_unlinks():
     assert len(names) == 2  # request and answer banks
     server.shutdown()
     assert not any(tr.token in f for f in _shm())
-    with pytest.raises(ServerClosedError):
+    # a clean shutdown is "closed", never "dead" (ServerDeadError subclasses ServerClosedError)
+    for _ in range(2):
+        with pytest.raises(ServerClosedError) as e:
+            c(TensorDict(observation=torch.ones(8)), timeout=5)
+        assert type(e.value) is ServerClosedError, repr(e.value)
+    with pytest.raises(ServerClosedError) as e:
+        tr.client()(TensorDict(observation=torch.ones(8)), timeout=5)  # never registered
+    assert type(e.value) is ServerClosedError, repr(e.value)
+    # the same transport served again: the old client registers anew
+    with InferenceServer(doubler(), tr):
+        assert torch.equal(c(TensorDict(observation=torch.ones(8)), timeout=5)["action"], torch.full((8,), 2.0))
+    assert not any(tr.token in f for f in _shm())
+
+
+def test_call_while_a_future_is_pending_with_a_slow_model():
+    """client(td) while a submit() future waits: both answers arrive (the wait outlasts the liveness period)."""
+    tr = MPTransport()
+    with InferenceServer(doubler(sleep=0.5), tr, max_batch_size=1):
+        c = tr.client()
+        fut = c.submit(TensorDict(observation=torch.full((8,), 1.0)))
+        out = c(TensorDict(observation=torch.full((8,), 2.0)), timeout=20)
+        assert torch.equal(out["action"], torch.full((8,), 4.0))
+        assert torch.equal(fut.result(20)["action"], torch.full((8,), 2.0))
+
+
+def test_retry_after_a_failed_registration():
+    """A client whose registration failed (no server yet, or refused) registers on its next call."""
+    tr = MPTransport()
+    c = tr.client()
+    with pytest.raises(ServerClosedError) as e:
         c(TensorDict(observation=torch.ones(8)), timeout=5)
+    assert type(e.value) is ServerClosedError and "not started" in str(e.value), repr(e.value)
+    with InferenceServer(doubler(), tr):
+        assert torch.equal(c(TensorDict(observation=torch.ones(8)), timeout=10)["action"], torch.full((8,), 2.0))
+    for bwf in (True, False):
+        tr = MPTransport(max_clients=1, block_when_full=bwf)
+        with InferenceServer(doubler(), tr):
+            a, b = tr.client(), tr.client()  # each client object registers on its own
+            a(TensorDict(observation=torch.ones(8)))
+            with pytest.raises(QueueFullError, match="max_clients"):
+                b(TensorDict(observation=torch.ones(8)), timeout=5)
+            a.close()  # gives the only place back
+            out = b(TensorDict(observation=torch.ones(8)), timeout=10)
+            assert torch.equal(out["action"], torch.full((8,), 2.0))
+
+
+def test_use_after_close_registers_again():
+    tr = MPTransport(max_clients=1)
+    with InferenceServer(doubler(), tr):
+        c = tr.client()
+        c(TensorDict(observation=torch.ones(8)))
+        c.close()
+        c.close()  # idempotent
+        assert torch.equal(c(TensorDict(observation=torch.ones(8)), timeout=10)["action"], torch.full((8,), 2.0))
+        assert tr.usage()["clients"] == 1  # the closed registration was given back (max_clients=1)
+
+
+def test_answers_are_copies_not_views_of_shared_memory():
+    """An answer stays as it was after later requests reuse its slot, and owns its memory."""
+    tr = MPTransport(max_inflight=1)
+    with InferenceServer(doubler(), tr, max_batch_size=4):
+        c = tr.client()
+        c(TensorDict(observation=torch.zeros(8)))  # learns the layouts
+        first = c(TensorDict(observation=torch.full((8,), 1.0)))
+        fut = c.submit(TensorDict(observation=torch.full((8,), 2.0)))
+        second = fut.result(10)
+        third = c(TensorDict(observation=torch.full((8,), 3.0)))  # same (only) slot again
+        assert tr.usage()["fast_answers"] >= 3
+        assert torch.equal(first["action"], torch.full((8,), 2.0))
+        assert torch.equal(second["action"], torch.full((8,), 4.0))
+        assert torch.equal(third["action"], torch.full((8,), 6.0))
+        bank = c._resp_bank  # white-box: where the shared answer rows live
+        lo = min(t.data_ptr() for t in bank.tensors + [bank.version])
+        hi = max(t.data_ptr() + t.numel() * t.element_size() for t in bank.tensors + [bank.version])
+        for out in (first, second, third):
+            for v in out.values(True, True):
+                assert not lo <= v.data_ptr() < hi, "an answer aliases the shared-memory bank"
+        first["action"].add_(100)  # writing into an answer touches nothing shared
+        assert torch.equal(c(TensorDict(observation=torch.full((8,), 3.0)))["action"], torch.full((8,), 6.0))
+
+
+def test_policy_version_on_fast_and_pickled_answers():
+    tr = MPTransport()
+    with InferenceServer(seed_policy(), tr, max_batch_size=4) as server:
+        c = tr.client()
+        c(TensorDict(observation=torch.ones(8)))
+        server.update_weights(seed_policy().state_dict(), version=7)
+        fast = c(TensorDict(observation=torch.ones(8)))
+        pickled = c(TensorDict(observation=torch.ones(8), extra=torch.zeros(3)))  # misfit: general path both ways
+        u = tr.usage()
+        assert u["pickled_answers"] >= 1 and u["fast_answers"] >= 1, u
+        assert int(fast["policy_version"]) == 7 and int(pickled["policy_version"]) == 7
+        assert "extra" in pickled.keys()
+
+
+def test_threads_sharing_one_client_each_get_their_own_answers():
+    """Threads racing for a client's few slots never get another thread's answer, nor lose one."""
+    import threading
+
+    tr = MPTransport(max_inflight=2)
+    with InferenceServer(doubler(), tr, max_batch_size=8):
+        c = tr.client()
+        errors = []
+
+        def worker(k):
+            try:
+                for i in range(40):
+                    v = float(k * 1000 + i)
+                    if i % 3 == 0:
+                        out = c.submit(TensorDict(observation=torch.full((8,), v))).result(20)
+                    else:
+                        out = c(TensorDict(observation=torch.full((8,), v)), timeout=20)
+                    assert torch.equal(out["action"], torch.full((8,), 2 * v)), (k, i, out["action"][0])
+            except BaseException as e:
+                errors.append(repr(e))
+
+        ts = [threading.Thread(target=worker, args=(k,)) for k in range(4)]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join(60)
+        assert not any(t.is_alive() for t in ts) and errors == [], errors

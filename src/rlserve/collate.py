@@ -68,14 +68,28 @@ def group_by_signature(inputs: list) -> tuple[dict, list]:
     return groups, bad
 
 
+def is_fast(sig: tuple) -> bool:
+    """True for flat TensorDicts of dense tensors (stacked per key, split per key)."""
+    return sig[0] == _FAST
+
+
+def stack_leaves(tds: list) -> dict:
+    """``{key: stacked tensor}`` of flat requests that share a fast signature."""
+    src = {}
+    for k in tds[0]._tensordict:
+        src[k] = torch.stack([td._tensordict[k] for td in tds])
+    return src
+
+
+def batch_td(sig: tuple, src: dict, n: int) -> TensorDict:
+    """The batch TensorDict around stacked leaves of signature ``sig``."""
+    return new_td(src, torch.Size([n, *sig[1]]), sig[2])
+
+
 def stack_group(sig: tuple, tds: list) -> TensorDictBase:
     """Stack requests that share ``sig`` into one batch along a new leading dim."""
     if sig[0] == _FAST:
-        bs = torch.Size([len(tds), *sig[1]])
-        src = {}
-        for k in tds[0]._tensordict:
-            src[k] = torch.stack([td._tensordict[k] for td in tds])
-        return new_td(src, bs, sig[2])
+        return batch_td(sig, stack_leaves(tds), len(tds))
     return torch.stack(tds)  # copies: the batch never aliases a request
 
 
@@ -86,24 +100,33 @@ def split_rows(out, n: int, version_key, version: int) -> list:
     """
     if not isinstance(out, TensorDictBase):
         raise TypeError(f"the model returned {type(out).__name__}, expected a TensorDict")
+    if out.batch_dims == 0 and not out.is_empty():
+        try:  # e.g. TensorDictModule(inplace=False) returns a fresh TensorDict with no batch size
+            out.batch_size = torch.Size([n])
+        except RuntimeError:
+            pass
     if out.batch_dims == 0 or out.batch_size[0] != n:
         raise RuntimeError(
             f"the model returned batch_size={list(out.batch_size)} for a batch of {n} requests; "
             "it must keep the leading batch dimension"
         )
-    row_bs = out.batch_size[1:]
     d = flat_leaves(out)
     if d is None:
         if version_key is not None:
             out.set(version_key, torch.full(out.batch_size, version, dtype=torch.int64))
         return list(out.unbind(0))
+    return split_leaves(d, out.batch_size, out.device, version_key, version)
+
+
+def split_leaves(d: dict, batch_size: torch.Size, device, version_key, version: int) -> list:
+    """Row TensorDicts from ``{key: batched tensor}`` (leading dim = number of rows)."""
     keys = list(d)
     cols = [v.unbind(0) for v in d.values()]
     if version_key is not None:
         keys.append(version_key)
-        cols.append(torch.full(out.batch_size, version, dtype=torch.int64).unbind(0))
-    dev = out.device
-    return [new_td(dict(zip(keys, row)), row_bs, dev) for row in zip(*cols)]
+        cols.append(torch.full(batch_size, version, dtype=torch.int64).unbind(0))
+    row_bs = batch_size[1:]
+    return [new_td(dict(zip(keys, row)), row_bs, device) for row in zip(*cols)]
 
 
 def signature_device(sig: tuple):

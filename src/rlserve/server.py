@@ -8,7 +8,18 @@ import time
 import torch
 
 from .batching import BatchPolicy
-from .collate import explain_failure, group_by_signature, signature_device, split_rows, stack_group
+from ._fastpath import direct_call
+from .collate import (
+    batch_td,
+    explain_failure,
+    group_by_signature,
+    is_fast,
+    signature_device,
+    split_leaves,
+    split_rows,
+    stack_group,
+    stack_leaves,
+)
 from .errors import ServerClosedError, ServerDeadError
 from .stats import ServerStats
 
@@ -67,6 +78,7 @@ class InferenceServer:
         if not callable(model):
             raise TypeError(f"model must be callable, got {type(model).__name__}")
         self.model = model
+        self._direct = direct_call(model)  # None unless model is a plain TensorDictModule
         self.transport = transport
         self.batching = BatchPolicy(max_batch_size, min_batch_size, timeout)
         self.device = torch.device(device) if device is not None else None
@@ -311,6 +323,10 @@ class InferenceServer:
     def _run_group(self, sig, ins: list, cbs: list, ts: list) -> None:
         n = len(ins)
         tr = self.transport
+        direct = self._direct
+        if direct is not None and is_fast(sig) and self.collate_fn is None and self.device is None and direct.usable():
+            self._run_direct(direct, sig, ins, cbs, ts)
+            return
         try:
             if self.collate_fn is not None:
                 batch = self.collate_fn([td.clone() for td in ins])  # a copy: cannot alias requests
@@ -332,15 +348,25 @@ class InferenceServer:
             else:
                 rows = split_rows(out, n, self.policy_version_key, self.policy_version)
         except BaseException as e:
-            self._stats.errors += n
-            exc = self._explain(sig, e) if isinstance(e, Exception) else e
-            for cb in cbs:
-                self._resolve_exc(cb, exc)
-            if not isinstance(e, Exception):
-                raise  # KeyboardInterrupt / SystemExit: the batch is answered, now stop
+            self._fail_group(sig, e, cbs)
             return
+        self._deliver(sig, out, rows, cbs, ts, n, t_fwd)
+
+    def _fail_group(self, sig, e: BaseException, cbs: list) -> None:
+        """The batch could not run: its callers get the (explained) error."""
+        self._stats.errors += len(cbs)
+        exc = self._explain(sig, e) if isinstance(e, Exception) else e
+        for cb in cbs:
+            self._resolve_exc(cb, exc)
+        if not isinstance(e, Exception):
+            raise e  # KeyboardInterrupt / SystemExit: the batch is answered, now stop
+
+    def _deliver(self, sig, out, rows, cbs: list, ts: list, n: int, t_fwd: float) -> None:
+        """Answer a batch that ran: the whole batch through resolve_batch, or row by row."""
+        tr = self.transport
         self._remember(sig)
-        if resolve_batch is not None:
+        resolve_batch = getattr(tr, "resolve_batch", None)
+        if resolve_batch is not None and rows is None:
             try:
                 resolve_batch(cbs, out, rows)
             except Exception:
@@ -355,6 +381,29 @@ class InferenceServer:
                 except Exception:
                     log.exception("%s: could not deliver an answer", self.name)
         self._stats.record_batch(n, t_fwd, _perf(), ts)
+
+    def _run_direct(self, direct, sig, ins: list, cbs: list, ts: list) -> None:
+        """_run_group for a plain TensorDictModule on flat requests: no wrapper, no batch TensorDict."""
+        n = len(ins)
+        tr = self.transport
+        try:
+            src = stack_leaves(ins)
+            bs = torch.Size([n, *sig[1]])
+            t0 = _perf()
+            src = direct(src, bs)
+            t_fwd = _perf() - t0
+            resolve_batch = getattr(tr, "resolve_batch", None)
+            if resolve_batch is not None and not getattr(tr, "wants_rows", True):
+                out, rows = batch_td(sig, src, n), None
+            else:
+                out = None
+                rows = split_leaves(src, bs, sig[2], self.policy_version_key, self.policy_version)
+                if self.output_device is not None:
+                    rows = [r.to(self.output_device) for r in rows]
+        except BaseException as e:
+            self._fail_group(sig, e, cbs)
+            return
+        self._deliver(sig, out, rows, cbs, ts, n, t_fwd)
 
     def _remember(self, sig) -> None:
         acc = self._accepted

@@ -105,7 +105,7 @@ def encode_rows(out, n: int, version_key, version: int) -> list:
         keys = keys + (version_key,)
         cols.append(np.full(tuple(out.batch_size), version, dtype=np.int64))
     row_bs = tuple(out.batch_size[1:])
-    return [_dumps((row_bs, keys, tuple([c[i] for c in cols])), 5) for i in range(n)]
+    return [_dumps((row_bs, keys, tuple([c[i, ...] for c in cols])), 5) for i in range(n)]
 
 
 def reply_error(exc: BaseException) -> tuple:
