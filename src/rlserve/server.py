@@ -265,6 +265,9 @@ class InferenceServer:
                 batch_ins, batch_cbs, batch_ts = ins, cbs, ts
                 ins, cbs, ts = [], [], []  # _process answers every one of these, whatever happens
                 self._process(batch_ins, batch_cbs, batch_ts)
+                # Hand the GIL over once: the callers just answered resubmit before the
+                # next drain, so batches fill up instead of splitting (fuller, fewer batches).
+                time.sleep(0)
         except BaseException as e:  # the loop itself broke: never leave callers waiting
             self._died = e
             log.exception("%s: serving loop died", self.name)

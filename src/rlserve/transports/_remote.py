@@ -10,10 +10,7 @@
   error reaches the one caller that caused it with its own type, and the
   remote engine never sees an exception it might treat as an actor failure;
 * :class:`WaiterQueueTransport`: the in-actor queue between request threads
-  (Ray threaded actor) and the :class:`~rlserve.InferenceServer` thread;
-* :class:`EventLoopQueueTransport`: the same between an asyncio endpoint
-  (Monarch) and the server thread, answering a batch with a single
-  ``call_soon_threadsafe``.
+  (Ray threaded actor) and the :class:`~rlserve.InferenceServer` thread.
 """
 from __future__ import annotations
 
@@ -29,8 +26,7 @@ from ..errors import RequestError, ServerClosedError
 from ..transport import LIVENESS_PERIOD_S
 from .threading import ThreadingTransport, _Waiter
 
-__all__ = ["encode_td", "decode_td", "encode_rows", "reply_error", "unwrap_reply",
-           "EventLoopQueueTransport", "WaiterQueueTransport"]
+__all__ = ["encode_td", "decode_td", "encode_rows", "reply_error", "unwrap_reply", "WaiterQueueTransport"]
 
 log = logging.getLogger("rlserve")
 
@@ -125,55 +121,6 @@ def unwrap_reply(reply) -> TensorDictBase:
     if kind == "ok":
         return decode_td(value)
     raise value
-
-
-def _deliver(futs, replies) -> None:
-    for f, r in zip(futs, replies):
-        if not f.done():  # a caller cancelled (e.g. its own timeout): nobody to answer
-            f.set_result(r)
-
-
-class EventLoopQueueTransport(ThreadingTransport):
-    """In-actor queue: callbacks are ``(loop, asyncio.Future)`` pairs resolved with reply tuples.
-
-    The endpoint coroutine puts ``(request, (loop, future))`` and awaits the
-    future; the server thread answers a whole batch with one
-    ``call_soon_threadsafe`` per event loop.
-    """
-
-    wants_rows = False  # we encode rows straight from the batch output
-
-    def resolve_batch(self, callbacks, batch_out, rows) -> None:
-        server = self._server
-        key = server.policy_version_key if server is not None else None
-        version = server.policy_version if server is not None else 0
-        try:
-            replies = encode_rows(batch_out, len(callbacks), key, version)
-        except Exception as e:
-            for cb in callbacks:
-                self.resolve_exception(cb, e)
-            return
-        loop0 = callbacks[0][0]
-        if all(cb[0] is loop0 for cb in callbacks):
-            self._post(loop0, [cb[1] for cb in callbacks], replies)
-        else:
-            for cb, r in zip(callbacks, replies):
-                self._post(cb[0], [cb[1]], [r])
-
-    def resolve(self, callback, result) -> None:
-        key = self._server.policy_version_key if self._server is not None else None
-        ver = self._server.policy_version if self._server is not None else 0
-        self._post(callback[0], [callback[1]], encode_rows(result.unsqueeze(0), 1, key, ver))
-
-    def resolve_exception(self, callback, exc: BaseException) -> None:
-        self._post(callback[0], [callback[1]], [reply_error(exc)])
-
-    @staticmethod
-    def _post(loop, futs, replies) -> None:
-        try:
-            loop.call_soon_threadsafe(_deliver, futs, replies)
-        except RuntimeError:  # the actor's loop is closed: the actor is going away
-            log.debug("rlserve: dropped %d answers for a closed event loop", len(futs))
 
 
 class WaiterQueueTransport(ThreadingTransport):

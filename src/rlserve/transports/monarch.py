@@ -9,8 +9,9 @@ Two ways to host the server (see docs/monarch.md):
 
 * **in a Monarch actor** -- ``MonarchTransport(policy_factory=make_policy, server_kwargs=...)``
   spawns one process, builds the policy there and serves it. Each request is one
-  ``call_one`` of an async ``@concurrent_endpoint`` that enqueues the request and
-  awaits its row; the server batches whatever calls are pending.
+  ``call_one`` of an endpoint that only enqueues the request with its response
+  port; the server batches whatever calls are pending and sends each row
+  straight into its caller's port.
 * **in the driver** -- ``InferenceServer(policy, MonarchTransport())``: the
   endpoint actor is spawned *in the driver process* (``this_proc().spawn``) and
   enqueues straight into this transport's queue, so requests still cost one
@@ -27,7 +28,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 from ..errors import ServerDeadError
 from ..transport import InferenceClient
-from ._remote import EventLoopQueueTransport, decode_td, encode_td, reply_error, unwrap_reply
+from ._remote import decode_td, encode_rows, encode_td, reply_error, unwrap_reply
+from .threading import ThreadingTransport
 
 __all__ = ["MonarchTransport", "MonarchClient"]
 
@@ -106,15 +108,48 @@ class MonarchClient(InferenceClient):
         return cls._pool.submit(wait)
 
 
-async def _enqueue(transport: EventLoopQueueTransport, payload):
-    loop = asyncio.get_running_loop()
+class PortQueueTransport(ThreadingTransport):
+    """In-actor queue whose callbacks are Monarch response ports.
+
+    The endpoint (``explicit_response_port``) only enqueues ``(request, port)``
+    and returns, so the actor is free for the next message at once; the server
+    thread sends each encoded row straight into its caller's port. Against an
+    async endpoint awaiting a future resolved through the actor's event loop,
+    this saves a loop wake-up and a coroutine per request.
+    """
+
+    wants_rows = False
+
+    def accept(self, port, payload) -> None:
+        """Endpoint body: enqueue, or answer at once with the error (never raise: that fails the actor)."""
+        try:
+            self.check_alive()
+            self._put(decode_td(payload), port, None)
+        except BaseException as e:
+            _send(port, reply_error(e))
+
+    def resolve_batch(self, callbacks, batch_out, rows) -> None:
+        s = self._server
+        try:
+            replies = encode_rows(batch_out, len(callbacks), s.policy_version_key, s.policy_version)
+        except Exception as e:
+            replies = [reply_error(e)] * len(callbacks)
+        for port, r in zip(callbacks, replies):
+            _send(port, r)
+
+    def resolve(self, callback, result) -> None:
+        s = self._server
+        _send(callback, encode_rows(result.unsqueeze(0), 1, s.policy_version_key, s.policy_version)[0])
+
+    def resolve_exception(self, callback, exc: BaseException) -> None:
+        _send(callback, reply_error(exc))
+
+
+def _send(port, reply) -> None:
     try:
-        transport.check_alive()
-        fut = loop.create_future()
-        transport._put(decode_td(payload), (loop, fut), None)
-    except Exception as e:
-        return reply_error(e)
-    return await fut
+        port.send(reply)
+    except Exception as e:  # the caller is gone: nobody to answer
+        log.debug("rlserve: could not answer a Monarch caller: %r", e)
 
 
 def _actor_classes():
@@ -130,16 +165,13 @@ def _actor_classes():
         def __init__(self, policy_factory, server_kwargs):
             from ..server import InferenceServer
 
-            self._transport = EventLoopQueueTransport()
+            self._transport = PortQueueTransport()
             self._server = InferenceServer(policy_factory(), self._transport, **server_kwargs)
             self._server.start()
 
-        @ma.concurrent_endpoint
-        async def infer(self, payload):
-            try:
-                return await _enqueue(self._transport, payload)
-            except BaseException as e:  # an escaping exception would fail the actor
-                return reply_error(e)
+        @ma.endpoint(explicit_response_port=True)
+        def infer(self, port, payload):
+            self._transport.accept(port, payload)
 
         @ma.endpoint
         async def stats(self):
@@ -151,7 +183,7 @@ def _actor_classes():
 
         @ma.endpoint
         async def update_weights(self, weights, version=None):
-            self._server.update_weights(weights, version)
+            return self._server.update_weights(weights, version)
 
         @ma.endpoint
         async def shutdown(self):
@@ -163,15 +195,13 @@ def _actor_classes():
         def __init__(self, key):
             self._key = key
 
-        @ma.concurrent_endpoint
-        async def infer(self, payload):
+        @ma.endpoint(explicit_response_port=True)
+        def infer(self, port, payload):
             tr = _LOCAL.get(self._key)
             if tr is None:
-                return reply_error(ServerDeadError("the driver's MonarchTransport is gone"))
-            try:
-                return await _enqueue(tr, payload)
-            except BaseException as e:
-                return reply_error(e)
+                _send(port, reply_error(ServerDeadError("the driver's MonarchTransport is gone")))
+            else:
+                tr.accept(port, payload)
 
     _ServerActor.__module__ = _Gateway.__module__ = __name__
     _ServerActor.__qualname__, _Gateway.__qualname__ = "_ServerActor", "_Gateway"
@@ -191,7 +221,7 @@ def _keep_driver_alive(ma) -> None:
     ma.unhandled_fault_hook = hook
 
 
-class MonarchTransport(EventLoopQueueTransport):
+class MonarchTransport(PortQueueTransport):
     """Serve Monarch actors; the server runs in the driver or in a Monarch actor.
 
     Args:
