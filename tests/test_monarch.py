@@ -150,3 +150,35 @@ class _Pid(Actor):
     @endpoint
     def pid(self):
         return os.getpid()
+
+
+def make_affine():
+    """action = c * (sum(obs) + 1) when every parameter equals c (c = 0 at start)."""
+    lin = torch.nn.Linear(8, 1)
+    torch.nn.init.zeros_(lin.weight)
+    torch.nn.init.zeros_(lin.bias)
+    from tensordict.nn import TensorDictModule
+
+    return TensorDictModule(lin, in_keys=["observation"], out_keys=["action"])
+
+
+def const_weights(c: float) -> dict:
+    return {"module.weight": torch.full((1, 8), float(c)), "module.bias": torch.full((1,), float(c))}
+
+
+def test_update_weights_reaches_the_hosted_server(mesh):
+    with MonarchTransport(make_affine, server_kwargs={"max_batch_size": 8}) as tr:
+        callers = mesh.spawn("callers_w", Caller, tr.client())
+        res = list(callers.call.call(1.0).get(timeout=60).values())  # before: version 0, zero weights
+        assert all(r[0] == "ok" and r[2] == 0 and r[1] == [0.0] for r in res), res
+        assert tr.update_weights(const_weights(1.0)) == 1
+        res = list(callers.call.call(1.0).get(timeout=60).values())  # after: the new version and weights
+        assert all(r[0] == "ok" and r[2] == 1 and r[1] == [9.0] for r in res), res
+        assert tr.update_weights(const_weights(3.0), version=7) == 7
+        out = tr.client()(obs(1.0), timeout=30)
+        assert int(out["policy_version"]) == 7 and float(out["action"]) == 27.0
+        with pytest.raises(ValueError, match="shape"):  # refused; the old weights keep serving
+            tr.update_weights({"module.weight": torch.zeros(2, 8), "module.bias": torch.zeros(1)})
+        res = list(callers.call.call(1.0).get(timeout=60).values())
+        assert all(r[0] == "ok" and r[2] == 7 and r[1] == [27.0] for r in res), res
+        assert tr.stats()["policy_version"] == 7

@@ -52,38 +52,69 @@ def ray_cluster():
     ray.shutdown()
 
 
-@ray.remote(num_cpus=0)
+# Every Ray actor is a new worker process (seconds each on a busy 2-core box), so the
+# servers and caller actors that no test kills are shared by the whole module. Tests
+# that kill a server or a caller start their own.
+@ray.remote(num_cpus=0, max_concurrency=8)
 class Caller:
-    """A Ray actor that holds a client and calls it like any rlserve actor would."""
+    """A (threaded) Ray actor that calls a client like any rlserve actor would."""
 
-    def __init__(self, client):
-        self.client = client
-
-    def call(self, v, n=8):
+    def call(self, client, v, n=8):
         try:
-            return ("ok", self.client(obs(v, n), timeout=30))
+            return ("ok", client(obs(v, n), timeout=30))
         except Exception as e:
             return ("err", e)
 
-    def call_many(self, values):
-        futs = [self.client.submit(obs(v)) for v in values]
+    def call_many(self, client, values):
+        futs = [client.submit(obs(v)) for v in values]
         return [f.result(timeout=30) for f in futs]
 
-    def loop_until_error(self, seconds):
+    def loop_until_error(self, client, seconds):
         t_end = time.monotonic() + seconds
         n = 0
         while time.monotonic() < t_end:
             try:
-                self.client(obs(1), timeout=30)
+                client(obs(1), timeout=30)
                 n += 1
             except Exception as e:
                 return n, e, time.monotonic()
         return n, None, time.monotonic()
 
+    def push(self, scheme, c):
+        """Trainer role: set every parameter to ``c`` and send the model."""
+        model = make_affine()
+        scheme.init_on_sender(model=model)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.fill_(c)
+        return scheme.send(model=model, wait=True)
+
 
 @ray.remote(num_cpus=0)
 def task_call(client, v):
     return client(obs(v), timeout=30)
+
+
+@pytest.fixture(scope="module")
+def callers():
+    actors = [Caller.remote() for _ in range(3)]  # they start while the first server builds
+    yield actors
+    for a in actors:
+        ray.kill(a)
+
+
+@pytest.fixture(scope="module")
+def doubler():
+    with RayTransport(make_doubler, server_kwargs={"max_batch_size": 8}) as tr:
+        yield tr
+
+
+@pytest.fixture(scope="module")
+def slow():
+    """Answers only once six requests are pending (or after 20 s)."""
+    kw = {"max_batch_size": 6, "min_batch_size": 6, "timeout": 20.0}
+    with RayTransport(make_doubler, server_kwargs=kw) as tr:
+        yield tr
 
 
 def test_import_without_ray_names_the_extra():
@@ -94,52 +125,43 @@ def test_import_without_ray_names_the_extra():
     assert "pip install 'rlserve[ray]'" in out.stdout, out.stderr
 
 
-def test_actor_hosted_server_serves_actors_and_tasks():
-    with RayTransport(make_doubler, server_kwargs={"max_batch_size": 8}) as tr:
-        client = tr.client()
-        actors = [Caller.remote(client) for _ in range(3)]
-        outs = ray.get([a.call.remote(i + 1) for i, a in enumerate(actors)], timeout=60)
-        for i, (kind, td) in enumerate(outs):
-            assert kind == "ok", td
-            assert torch.equal(td["action"], torch.full((8,), 2.0 * (i + 1)))
-            assert int(td["policy_version"]) == 0
-        rows = ray.get(actors[0].call_many.remote([5, 6, 7]), timeout=60)  # submit() -> Futures
-        assert [float(r["action"][0]) for r in rows] == [10.0, 12.0, 14.0]
-        tds = ray.get([task_call.remote(client, v) for v in (3, 4)], timeout=60)  # Ray tasks
-        assert [float(t["action"][0]) for t in tds] == [6.0, 8.0]
-        assert float(client(obs(9))["action"][0]) == 18.0  # and the driver itself
-        for a in actors:
-            ray.kill(a)
+def test_actor_hosted_server_serves_actors_and_tasks(doubler, callers):
+    client = doubler.client()
+    outs = ray.get([a.call.remote(client, i + 1) for i, a in enumerate(callers)], timeout=60)
+    for i, (kind, td) in enumerate(outs):
+        assert kind == "ok", td
+        assert torch.equal(td["action"], torch.full((8,), 2.0 * (i + 1)))
+        assert int(td["policy_version"]) == 0
+    rows = ray.get(callers[0].call_many.remote(client, [5, 6, 7]), timeout=60)  # submit() -> Futures
+    assert [float(r["action"][0]) for r in rows] == [10.0, 12.0, 14.0]
+    tds = ray.get([task_call.remote(client, v) for v in (3, 4)], timeout=60)  # Ray tasks
+    assert [float(t["action"][0]) for t in tds] == [6.0, 8.0]
+    assert float(client(obs(9))["action"][0]) == 18.0  # and the driver itself
 
 
-def test_batches_form_on_the_server_from_pending_calls():
-    # min_batch_size=6 and a long timeout: one forward for six calls from six actors
-    kw = {"max_batch_size": 6, "min_batch_size": 6, "timeout": 20.0}
-    with RayTransport(make_doubler, server_kwargs=kw) as tr:
-        actors = [Caller.remote(tr.client()) for _ in range(6)]
-        outs = ray.get([a.call.remote(i) for i, a in enumerate(actors)], timeout=60)
-        assert [float(td["action"][0]) for _, td in outs] == [2.0 * i for i in range(6)]
-        s = tr.stats()
-        assert s["requests"] == 6 and s["batches"] == 1, s
-        for a in actors:
-            ray.kill(a)
+def test_batches_form_on_the_server_from_pending_calls(slow, callers):
+    # min_batch_size=6 and a long timeout: one forward for six calls from three actors
+    client = slow.client()
+    s0 = slow.stats()
+    refs = [a.call.remote(client, i + 3 * k) for k in range(2) for i, a in enumerate(callers)]
+    outs = ray.get(refs, timeout=60)
+    assert sorted(float(td["action"][0]) for _, td in outs) == [2.0 * i for i in range(6)]
+    s1 = slow.stats()
+    assert s1["requests"] - s0["requests"] == 6 and s1["batches"] - s0["batches"] == 1, (s0, s1)
 
 
-def test_driver_hosted_server_and_shutdown():
+def test_driver_hosted_server_and_shutdown(callers):
     tr = RayTransport()
     try:
         client = tr.client()
         with pytest.raises(ServerClosedError, match="not started"):
             client(obs(1), timeout=30)
         with InferenceServer(make_doubler(), tr, max_batch_size=8) as server:
-            actors = [Caller.remote(client) for _ in range(3)]
-            outs = ray.get([a.call.remote(i) for i, a in enumerate(actors)], timeout=60)
+            outs = ray.get([a.call.remote(client, i) for i, a in enumerate(callers)], timeout=60)
             assert [float(td["action"][0]) for _, td in outs] == [0.0, 2.0, 4.0]
             assert server.stats()["requests"] == 3
-        kind, err = ray.get(actors[0].call.remote(1), timeout=60)
+        kind, err = ray.get(callers[0].call.remote(client, 1), timeout=60)
         assert kind == "err" and isinstance(err, ServerClosedError)
-        for a in actors:
-            ray.kill(a)
     finally:
         tr.shutdown()
 
@@ -169,61 +191,54 @@ def test_driver_hosted_server_death_reaches_clients():
         tr.shutdown()
 
 
-def test_bad_input_fails_only_its_sender():
-    with RayTransport(make_doubler, server_kwargs={"max_batch_size": 8}) as tr:
-        client = tr.client()
-        good = [Caller.remote(client) for _ in range(2)]
-        assert ray.get(good[0].call.remote(1), timeout=60)[0] == "ok"  # the accepted layout
-        with pytest.raises(RequestError, match="TensorDict"):
-            client({"observation": torch.zeros(8)})  # not a TensorDict: refused before sending
-        kind, err = ray.get(tr.actor.infer.remote("garbage"), timeout=30)  # raw bad payload
-        assert kind == "err" and isinstance(err, RequestError)
-        bad = Caller.remote(client)
-        # float64 where float32 was served: runs in its own group, fine; a 3-leaf obs into
-        # the Linear-free doubler also works -- so use a key the model lacks:
-        bad_td = ray.get(bad.call.remote(1, 3), timeout=60)
-        assert bad_td[0] == "ok" and bad_td[1]["action"].shape == (3,)  # odd shapes are grouped, not mixed
-        outs = ray.get([g.call.remote(2) for g in good], timeout=60)
-        assert all(k == "ok" and float(td["action"][0]) == 4.0 for k, td in outs)
-        for a in good + [bad]:
-            ray.kill(a)
+def test_bad_input_fails_only_its_sender(doubler, callers):
+    client = doubler.client()
+    good, bad = callers[:2], callers[2]
+    assert ray.get(good[0].call.remote(client, 1), timeout=60)[0] == "ok"  # the accepted layout
+    with pytest.raises(RequestError, match="TensorDict"):
+        client({"observation": torch.zeros(8)})  # not a TensorDict: refused before sending
+    for garbage in ("garbage", b"garbage", ray.cloudpickle.dumps(((), ("x",), ("not an array",)))):
+        reply = ray.get(doubler.actor.infer.remote(garbage), timeout=30)  # raw bad payloads
+        assert reply[0] == "err" and isinstance(reply[1], RequestError), reply
+    # a 3-wide observation works with the doubler: odd shapes are grouped, not mixed
+    bad_td = ray.get(bad.call.remote(client, 1, 3), timeout=60)
+    assert bad_td[0] == "ok" and bad_td[1]["action"].shape == (3,)
+    outs = ray.get([g.call.remote(client, 2) for g in good], timeout=60)
+    assert all(k == "ok" and float(td["action"][0]) == 4.0 for k, td in outs)
 
 
-def test_model_error_for_one_layout_fails_only_that_caller():
+def test_model_error_for_one_layout_fails_only_that_caller(callers):
     from rlserve.bench.common import seed_policy
 
     with RayTransport(seed_policy, server_kwargs={"max_batch_size": 8}) as tr:
         client = tr.client()
-        callers = [Caller.remote(client) for _ in range(3)]
-        assert ray.get(callers[0].call.remote(1), timeout=60)[0] == "ok"
-        res = ray.get([callers[0].call.remote(1, 5), callers[1].call.remote(1), callers[2].call.remote(2)], timeout=60)
+        assert ray.get(callers[0].call.remote(client, 1), timeout=60)[0] == "ok"
+        res = ray.get([callers[0].call.remote(client, 1, 5), callers[1].call.remote(client, 1),
+                       callers[2].call.remote(client, 2)], timeout=60)
         assert res[0][0] == "err" and isinstance(res[0][1], RequestError), res[0]
         assert "observation" in str(res[0][1])
         assert res[1][0] == "ok" and res[2][0] == "ok"
         assert tr.stats()["errors"] >= 1
-        for a in callers:
-            ray.kill(a)
 
 
-def test_killed_client_actor_harms_nothing():
-    with RayTransport(make_doubler, server_kwargs={"max_batch_size": 8}) as tr:
-        client = tr.client()
-        victim, other = Caller.remote(client), Caller.remote(client)
-        victim.loop_until_error.remote(30)  # busy calling when it dies
-        time.sleep(0.5)
-        ray.kill(victim)
-        outs = ray.get([other.call.remote(i) for i in range(5)], timeout=60)
-        assert [float(td["action"][0]) for _, td in outs] == [0.0, 2.0, 4.0, 6.0, 8.0]
-        assert float(client(obs(3))["action"][0]) == 6.0
-        ray.kill(other)
+def test_killed_client_actor_harms_nothing(doubler, callers):
+    client = doubler.client()
+    victim, other = Caller.remote(), callers[0]
+    assert ray.get(victim.call.remote(client, 1), timeout=60)[0] == "ok"
+    victim.loop_until_error.remote(client, 30)  # busy calling when it dies
+    time.sleep(0.5)
+    ray.kill(victim)
+    outs = ray.get([other.call.remote(client, i) for i in range(5)], timeout=60)
+    assert [float(td["action"][0]) for _, td in outs] == [0.0, 2.0, 4.0, 6.0, 8.0]
+    assert float(client(obs(3))["action"][0]) == 6.0
 
 
-def test_killed_server_actor_gives_clear_error_fast():
+def test_killed_server_actor_gives_clear_error_fast(callers):
     tr = RayTransport(make_doubler, server_kwargs={"max_batch_size": 8})
     client = tr.client()
-    caller = Caller.remote(client)
-    assert ray.get(caller.call.remote(1), timeout=60)[0] == "ok"
-    ref = caller.loop_until_error.remote(60)
+    caller = callers[0]
+    assert ray.get(caller.call.remote(client, 1), timeout=60)[0] == "ok"
+    ref = caller.loop_until_error.remote(client, 60)
     time.sleep(0.5)
     t_kill = time.monotonic()
     ray.kill(tr.actor)
@@ -236,75 +251,63 @@ def test_killed_server_actor_gives_clear_error_fast():
     assert time.monotonic() - t0 < 5 and time.monotonic() - t_kill < 10
     with pytest.raises(ServerDeadError):
         client.submit(obs(1)).result(timeout=30)
-    ray.kill(caller)
     tr.shutdown()
 
 
-@ray.remote(num_cpus=0)
-class Trainer:
-    def __init__(self, scheme):
-        self.scheme = scheme
-        self.model = make_affine()
-        scheme.init_on_sender(model=self.model)
-
-    def push(self, c):
-        with torch.no_grad():
-            for p in self.model.parameters():
-                p.fill_(c)
-        return self.scheme.send(model=self.model, wait=True)
-
-
-def test_weight_sync_from_driver_and_from_a_ray_actor():
-    scheme = RayWeightSyncScheme()
-    with RayTransport(make_affine, server_kwargs={"weight_sync": scheme}) as tr:
-        client = tr.client()
-        ones = TensorDict(observation=torch.ones(8))
-        out = client(ones)
-        assert float(out["action"]) == 0.0 and int(out["policy_version"]) == 0
-        scheme.init_on_sender(model=make_affine())
-        v = scheme.send(weights=const_weights(1.0), wait=True)  # from the driver
-        out = client(ones)
-        assert int(out["policy_version"]) == v == 1 and float(out["action"]) == 9.0
-        trainer = Trainer.remote(scheme)
-        v2 = ray.get(trainer.push.remote(2.0), timeout=60)  # from a Ray actor
-        out = client(ones)
-        assert v2 == 2 and int(out["policy_version"]) == 2 and float(out["action"]) == 18.0
-        with pytest.raises(ValueError, match="shape"):
-            scheme.send(weights={"module.weight": torch.zeros(2, 8), "module.bias": torch.zeros(1)})
-        ray.kill(trainer)
-
-
-def test_weight_sync_is_atomic_and_versions_match_weights():
-    """While weights change under load, every answer matches its stamped version exactly."""
+@pytest.fixture(scope="module")
+def affine():
+    """A weight-synced server whose weights always equal their version (all params = v)."""
     scheme = RayWeightSyncScheme()
     scheme.init_on_sender(model=make_affine())
     with RayTransport(make_affine, server_kwargs={"weight_sync": scheme, "max_batch_size": 16}) as tr:
-        callers = [Caller.remote(tr.client()) for _ in range(3)]
-        refs = [c.call_many.remote([1.0] * 40) for c in callers]
-        for c in range(1, 11):
-            scheme.send(weights=const_weights(c))  # version c carries weights all equal to c
-        rows = [r for rs in ray.get(refs, timeout=90) for r in rs]
-        seen = set()
-        for r in rows:
-            v = int(r["policy_version"])
-            seen.add(v)
-            assert float(r["action"]) == 9.0 * v  # torn weights or a stale stamp would break this
-        assert max(seen) <= 10
-        for c in callers:
-            ray.kill(c)
+        yield scheme, tr
 
 
-def test_clients_pickle_and_run_in_a_driver_thread_pool():
+def test_weight_sync_from_driver_and_from_a_ray_actor(affine, callers):
+    scheme, tr = affine
+    client = tr.client()
+    ones = TensorDict(observation=torch.ones(8))
+    v0 = scheme.published_version  # 0 when this test runs first: the initial zero weights
+    out = client(ones)
+    before = int(out["policy_version"])
+    assert before <= v0 and float(out["action"]) == 9.0 * before
+    v = scheme.send(weights=const_weights(v0 + 1), wait=True)  # from the driver
+    out = client(ones)
+    assert v == v0 + 1 and int(out["policy_version"]) == v and float(out["action"]) == 9.0 * v
+    v2 = ray.get(callers[0].push.remote(scheme, float(v0 + 2)), timeout=60)  # from a Ray actor
+    out = client(ones)
+    assert v2 == v0 + 2 and int(out["policy_version"]) == v2 and float(out["action"]) == 9.0 * v2
+    with pytest.raises(ValueError, match="shape"):
+        scheme.send(weights={"module.weight": torch.zeros(2, 8), "module.bias": torch.zeros(1)})
+
+
+def test_weight_sync_is_atomic_and_versions_match_weights(affine, callers):
+    """While weights change under load, every answer matches its stamped version exactly."""
+    scheme, tr = affine
+    client = tr.client()
+    v0 = scheme.published_version
+    refs = [c.call_many.remote(client, [1.0] * 40) for c in callers]
+    for v in range(v0 + 1, v0 + 11):
+        scheme.send(weights=const_weights(v), version=v)  # version v carries weights all equal to v
+    rows = [r for rs in ray.get(refs, timeout=90) for r in rs]
+    seen = set()
+    for r in rows:
+        v = int(r["policy_version"])
+        seen.add(v)
+        assert float(r["action"]) == 9.0 * v  # torn weights or a stale stamp would break this
+    assert max(seen) <= v0 + 10
+
+
+def test_clients_pickle_and_run_in_a_driver_thread_pool(doubler, slow, callers):
     import concurrent.futures
 
-    with RayTransport(make_doubler) as tr:
-        client = ray.cloudpickle.loads(ray.cloudpickle.dumps(tr.client()))
-        with concurrent.futures.ThreadPoolExecutor(4) as pool:
-            outs = list(pool.map(lambda v: client(obs(v), timeout=30), range(8)))
-        assert [float(o["action"][0]) for o in outs] == [2.0 * v for v in range(8)]
-        with pytest.raises(TimeoutError):
-            slow = RayTransport(make_doubler, server_kwargs={"min_batch_size": 4, "timeout": 30.0})
-            try:
-                slow.client()(obs(1), timeout=0.5)
-            finally:
-                slow.shutdown()
+    client = ray.cloudpickle.loads(ray.cloudpickle.dumps(doubler.client()))
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        outs = list(pool.map(lambda v: client(obs(v), timeout=30), range(8)))
+    assert [float(o["action"][0]) for o in outs] == [2.0 * v for v in range(8)]
+    with pytest.raises(TimeoutError):
+        slow.client()(obs(1), timeout=0.5)  # the slow server waits for five more requests
+    # The timed-out request still sits in the server's queue: five more complete the batch,
+    # they are answered, and the server stays usable.
+    refs = [callers[i % 3].call.remote(slow.client(), 7) for i in range(5)]
+    assert all(k == "ok" and float(td["action"][0]) == 14.0 for k, td in ray.get(refs, timeout=60))

@@ -238,6 +238,7 @@ class InferenceServer:
             def drain(n, _drain=tr.drain):
                 ins, cbs = _drain(n)
                 return ins, cbs, [_perf()] * len(ins)
+        pending = getattr(tr, "_pending", None)  # in-process transports only (see below)
         ins: list = []
         cbs: list = []
         ts: list = []
@@ -265,9 +266,12 @@ class InferenceServer:
                 batch_ins, batch_cbs, batch_ts = ins, cbs, ts
                 ins, cbs, ts = [], [], []  # _process answers every one of these, whatever happens
                 self._process(batch_ins, batch_cbs, batch_ts)
-                # Hand the GIL over once: the callers just answered resubmit before the
-                # next drain, so batches fill up instead of splitting (fuller, fewer batches).
-                time.sleep(0)
+                if pending is not None and 0 < pending() < policy.max_batch_size:
+                    # Actor threads of this process are queued but the batch is not full:
+                    # hand the GIL over once so the callers just answered resubmit before
+                    # the next drain (fuller batches). With nobody queued the server blocks
+                    # in wait_for_work anyway, and an extra hand-over would only add latency.
+                    time.sleep(0)
         except BaseException as e:  # the loop itself broke: never leave callers waiting
             self._died = e
             log.exception("%s: serving loop died", self.name)

@@ -4,7 +4,7 @@ Rows (each for 1, 4 and 8 actor processes in one process mesh):
 
 * ``rlserve/actor``  -- server in its own Monarch process (policy factory);
 * ``rlserve/driver`` -- InferenceServer in the driver; endpoint actor spawned in the driver;
-* ``echo/wire``      -- the engine floor: a ``@concurrent_endpoint`` that returns its
+* ``echo/wire``      -- the engine floor: a plain ``@endpoint`` that returns its
   argument, called by the same client code (same wire format), no server.
 
 Per-request cost = 1 / req/s of the whole run.
@@ -20,7 +20,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("HYPERACTOR_MESH_SUPERVISION_POLL_FREQUENCY", "1s")
 
 import torch  # noqa: E402
-from monarch.actor import Actor, concurrent_endpoint, endpoint, this_host  # noqa: E402
+from monarch.actor import Actor, endpoint, this_host  # noqa: E402
 from tensordict import TensorDict  # noqa: E402
 
 from .common import pct, print_table, seed_policy, summarize, wait_idle  # noqa: E402
@@ -53,9 +53,11 @@ class Looper(Actor):
 
 
 class Echo(Actor):
-    @concurrent_endpoint
-    async def infer(self, payload):
-        return ("ok", payload)
+    """The engine floor: a plain endpoint returning the encoded request (Monarch's cheapest call)."""
+
+    @endpoint
+    def infer(self, payload):
+        return payload
 
 
 def run_mesh(procs, n: int, client, seconds: float, tag: str) -> dict:

@@ -8,7 +8,9 @@ Rows (each for 1, 4 and 8 Ray actors, ``ray.init(num_cpus=2)``):
   its argument, sent by the same client code (same wire format) but without any server;
 * ``echo/td``        -- the same echo call carrying the TensorDict itself;
 * ``torchrl``        -- torchrl 0.14's RayTransport, run in ``--torchrl-python`` (a
-  second venv with torchrl) when given.
+  second venv with torchrl) when given, right after each rlserve repeat; one
+  client per actor (its clients each own a reply queue). A torchrl call left
+  unanswered for 10 s counts as a *stall* and the actor goes on.
 
 Per-request cost = 1 / req/s of the whole run. Actors start together at a fixed wall
 time after a warm-up call; only requests finished inside the window count.
@@ -18,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import queue
 import statistics
 import subprocess
 import sys
@@ -32,6 +35,7 @@ from tensordict import TensorDict  # noqa: E402
 from .common import pct, print_table, seed_policy, summarize, wait_idle  # noqa: E402
 
 MAX_BATCH = 32
+TORCHRL_CALL_TIMEOUT = 10.0  # s; a torchrl call unanswered this long counts as a stall
 
 
 class Looper:
@@ -41,34 +45,46 @@ class Looper:
         torch.set_num_threads(1)
         self.client = client
 
-    def warm(self) -> bool:
+    def warm(self, call_timeout=None) -> bool:
         for _ in range(3):
-            self.client(TensorDict(observation=torch.randn(8)))
+            self.client(TensorDict(observation=torch.randn(8)), timeout=call_timeout)
         return True
 
-    def run(self, start_at: float, seconds: float):
+    def run(self, start_at: float, seconds: float, call_timeout=None):
+        """Latencies of the calls finished in the window, and how many calls stalled.
+
+        With ``call_timeout`` a call that gets no answer in time counts as a
+        stall and the loop goes on (torchrl's Ray client can lose a reply
+        under load and would otherwise block this actor for good).
+        """
         client = self.client
         perf = time.perf_counter
         while time.time() < start_at:
             time.sleep(0.001)
         end = perf() + seconds
         lats = []
+        stalls = 0
         while True:
             td = TensorDict(observation=torch.randn(8))
             t0 = perf()
-            client(td)
-            t1 = perf()
-            if t1 > end:
+            try:
+                client(td, timeout=call_timeout)
+            except (TimeoutError, queue.Empty):  # torchrl's client raises queue.Empty
+                stalls += 1
+            else:
+                t1 = perf()
+                if t1 <= end:
+                    lats.append(t1 - t0)
+            if perf() > end:
                 break
-            lats.append(t1 - t0)
-        return lats
+        return lats, stalls
 
 
 class EchoActor:
-    """The engine floor: an async actor that returns what it is given."""
+    """The engine floor: an async actor that returns what it is given (the encoded request)."""
 
     async def infer(self, payload):
-        return ("ok", payload)
+        return payload
 
     async def echo(self, td):
         return td
@@ -80,10 +96,10 @@ class EchoTDClient:
     def __init__(self, handle):
         self.handle = handle
 
-    def __call__(self, td):
+    def __call__(self, td, timeout=None):
         import ray
 
-        return ray.get(self.handle.echo.remote(td))
+        return ray.get(self.handle.echo.remote(td), timeout=timeout)
 
 
 def init_ray() -> None:
@@ -97,20 +113,28 @@ def init_ray() -> None:
     )
 
 
-def run_actors(client, n: int, seconds: float) -> dict:
-    """``n`` Ray actors loop ``client(td)`` for ``seconds``; returns req/s and latency."""
+def run_actors(client, n: int, seconds: float, call_timeout=None, per_actor: bool = False) -> dict:
+    """``n`` Ray actors loop ``client(td)`` for ``seconds``; returns req/s, latency and stalls.
+
+    ``client``: one client shared by all actors, or with ``per_actor`` a
+    zero-argument factory called once per actor.
+    """
     import ray
 
     cls = ray.remote(num_cpus=0)(Looper)
-    actors = [cls.remote(client) for _ in range(n)]
+    actors = [cls.remote(client() if per_actor else client) for _ in range(n)]
+    slack = 120 + (call_timeout or 0) * 3
     try:
-        ray.get([a.warm.remote() for a in actors], timeout=120)
+        # warm-up waits long: the first calls wait for fresh worker processes (torchrl: reply-queue actors)
+        ray.get([a.warm.remote(call_timeout and 120.0) for a in actors], timeout=slack + 360)
         start_at = time.time() + 0.3
-        lats = [x for part in ray.get([a.run.remote(start_at, seconds) for a in actors], timeout=seconds + 120) for x in part]
+        parts = ray.get([a.run.remote(start_at, seconds, call_timeout) for a in actors], timeout=seconds + slack)
     finally:
         for a in actors:
             ray.kill(a)
-    return {"req_s": len(lats) / seconds, "p50_us": pct(lats, 0.5) * 1e6, "p99_us": pct(lats, 0.99) * 1e6}
+    lats = [x for p, _ in parts for x in p]
+    return {"req_s": len(lats) / seconds, "p50_us": pct(lats, 0.5) * 1e6, "p99_us": pct(lats, 0.99) * 1e6,
+            "stalls": sum(s for _, s in parts)}
 
 
 def _batch_meter(stats_fn):
@@ -172,9 +196,11 @@ def bench_torchrl(n: int, seconds: float) -> dict:
     from torchrl.modules.inference_server import InferenceServer, RayTransport
 
     tr = RayTransport()
-    with InferenceServer(seed_policy(), tr, max_batch_size=MAX_BATCH):
-        r = run_actors(tr.client(), n, seconds)
-    r["batch"] = float("nan")
+    with InferenceServer(seed_policy(), tr, max_batch_size=MAX_BATCH) as server:
+        server.stats(reset=True)
+        # one client per actor: torchrl's clients each own a reply queue
+        r = run_actors(tr.client, n, seconds, call_timeout=TORCHRL_CALL_TIMEOUT, per_actor=True)
+        r["batch"] = server.stats().get("avg_batch_size", float("nan"))
     return r
 
 
@@ -252,10 +278,11 @@ def report(results: dict, counts) -> list[dict]:
             "p50 us": f"{statistics.median(r['p50_us'] for r in rs):.0f}",
             "p99 us": f"{statistics.median(r['p99_us'] for r in rs):.0f}",
             "batch": f"{statistics.median(r['batch'] for r in rs):.1f}",
+            "stalls": sum(r.get("stalls", 0) for r in rs),
             "_req_s": statistics.median(r["req_s"] for r in rs),
         })
     rows.sort(key=lambda r: (r["actors"], r["transport"]))
-    print_table(rows, ["transport", "actors", "req/s", "us/req", "p50 us", "p99 us", "batch"])
+    print_table(rows, ["transport", "actors", "req/s", "us/req", "p50 us", "p99 us", "batch", "stalls"])
     med = {(r["transport"], r["actors"]): r["_req_s"] for r in rows}
     for n in counts:
         floor = med.get(("echo/wire", n))

@@ -3,6 +3,10 @@
 It owns the server socket, the client registry (which client owns which slot
 range), and the slot banks. Everything here runs on the server thread except
 ``close``/``wake``, which only set a flag and send a datagram.
+
+A request counts only if it comes from the socket address its slot range was
+registered with: a dead client's request still queued when its place is given
+to another client is dropped, never answered to the new owner.
 """
 from __future__ import annotations
 
@@ -21,20 +25,33 @@ import torch
 from .._td import TensorDict, TensorDictBase
 from ..errors import QueueFullError, RequestError
 from . import _wire as W
-from ._shm import SHM_PREFIX, Bank, Layout, unlink_token
+from ._shm import SHM_PREFIX, Bank, Layout, unlink_segment, unlink_token
 
 log = logging.getLogger("rlserve")
 _perf = time.perf_counter
 _SWEEP_S = 0.5  # how often idle clients are checked for a dead process
+_LIVE_SIDES: "weakref.WeakSet[ServerSide]" = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    # A fork child must not hold the server's socket: it would keep the
+    # address bound after the serving process dies (clients would wait
+    # forever), swallow registrations after a shutdown, and block a restart.
+    for side in list(_LIVE_SIDES):
+        side._abandon_in_child()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 class _Client:
-    __slots__ = ("cid", "addr", "pid", "inflight", "dead")
+    __slots__ = ("cid", "addr", "pid", "inflight", "dead", "files")
 
     def __init__(self, cid, addr, pid):
         self.cid, self.addr, self.pid = cid, addr, pid
         self.inflight = 0
         self.dead = False
+        self.files: dict = {}  # slot -> one-shot answer file sent to it (removed by its reader)
 
 
 class ServerSide:
@@ -78,6 +95,17 @@ class ServerSide:
         ref = weakref.ref(self)
         self._atexit = lambda: (ref() is not None and ref()._unlink_banks())
         atexit.register(self._atexit)
+        _LIVE_SIDES.add(self)
+
+    def _abandon_in_child(self) -> None:
+        """In a fork child: close our copies of the sockets; the banks stay the parent's."""
+        self.torn_down = True
+        for s in (self.rsock, self.ssock):
+            try:
+                s.close()
+            except OSError:
+                pass
+        atexit.unregister(self._atexit)
 
     # -- banks -------------------------------------------------------------------
     def _make_bank(self, which: str, layout: Layout) -> Bank:
@@ -139,8 +167,8 @@ class ServerSide:
             kind, slot, t = unpack(buf)
             if kind == W.REQ_FAST:
                 c = clients.get(slot // per)
-                if c is None or self.req_bank is None:
-                    continue  # from a client already dropped: nobody to answer
+                if c is None or c.addr != addr or c.dead or self.req_bank is None:
+                    continue  # from a client already dropped (its place may be another's now)
                 c.inflight += 1
                 self.counts["fast_requests"] += 1
                 td = self.in_tds[slot]
@@ -148,7 +176,7 @@ class ServerSide:
                     td = self.in_tds[slot] = self.req_bank.slot_td(slot)
                 pending.append((td, slot, t))
             elif kind == W.REQ_PICKLE:
-                self._general_request(slot, t, view[W.HLEN:n])
+                self._general_request(slot, t, view[W.HLEN:n], addr)
             elif kind == W.REGISTER:
                 self._register(addr, view[W.HLEN:n])
             elif kind == W.BYE:
@@ -157,9 +185,9 @@ class ServerSide:
                     self._drop(c)
             # PING and WAKE need no answer: receiving them was the point
 
-    def _general_request(self, slot, t, payload) -> None:
+    def _general_request(self, slot, t, payload, addr) -> None:
         c = self.clients.get(slot // self.per)
-        if c is None:
+        if c is None or c.addr != addr or c.dead:
             W.drop_payload(payload)
             return
         c.inflight += 1
@@ -199,6 +227,7 @@ class ServerSide:
             self.req_bank.describe() if self.req_bank else None,
             self.resp_bank.describe() if self.resp_bank else None,
             self._version_key(),
+            os.getpid(),  # lets clients notice this process dying even if its socket lingers
         )
         self._send(c, W.pack(W.REGISTERED, 0, 0.0, W.encode(info, self.token)))
 
@@ -216,6 +245,9 @@ class ServerSide:
 
     def _drop(self, c: _Client) -> None:
         c.dead = True
+        for name in c.files.values():  # answers it will never read
+            unlink_segment(name)
+        c.files.clear()
         if c.inflight <= 0 and self.clients.get(c.cid) is c:
             del self.clients[c.cid]
             self.free_ids.append(c.cid)
@@ -249,12 +281,24 @@ class ServerSide:
         except BlockingIOError:
             self.backlog.append((c, msg))
         except (ConnectionRefusedError, FileNotFoundError, OSError):
+            self._discard(msg)
             self._drop(c)  # its process is gone: the kernel closed its socket
+        else:
+            if msg[0] in (W.ANS_PICKLE, W.ERR) and msg[W.HLEN:W.HLEN + 1] == b"F":
+                slot = W.HEADER.unpack_from(msg)[1]
+                c.files[slot] = bytes(msg[W.HLEN + 1:]).decode()
+
+    @staticmethod
+    def _discard(msg) -> None:
+        """Remove the one-shot file of an answer that will not be delivered."""
+        if msg[0] in (W.ANS_PICKLE, W.ERR):
+            W.drop_payload(memoryview(msg)[W.HLEN:])
 
     def _flush_backlog(self) -> None:
         bl, self.backlog = self.backlog, deque()
         for i, (c, msg) in enumerate(bl):
             if c.dead:
+                self._discard(msg)
                 continue
             self._send(c, msg)
             if self.backlog:  # still full: keep the rest, in order

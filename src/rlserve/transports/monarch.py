@@ -19,7 +19,6 @@ Two ways to host the server (see docs/monarch.md):
 """
 from __future__ import annotations
 
-import asyncio
 import itertools
 import logging
 import os
@@ -173,21 +172,25 @@ def _actor_classes():
         def infer(self, port, payload):
             self._transport.accept(port, payload)
 
+        # Monarch forbids mixing sync and async endpoints in one actor: all sync.
         @ma.endpoint
-        async def stats(self):
+        def stats(self):
             return self._server.stats()
 
         @ma.endpoint
-        async def pid(self):
+        def pid(self):
             return os.getpid()
 
         @ma.endpoint
-        async def update_weights(self, weights, version=None):
-            return self._server.update_weights(weights, version)
+        def update_weights(self, weights, version=None):
+            try:  # bad weights: the caller gets its ValueError, the actor lives on
+                return ("ok", self._server.update_weights(weights, version))
+            except Exception as e:
+                return reply_error(e)
 
         @ma.endpoint
-        async def shutdown(self):
-            await asyncio.get_running_loop().run_in_executor(None, self._server.shutdown)
+        def shutdown(self):
+            self._server.shutdown()
 
     class _Gateway(ma.Actor):
         """Endpoint actor living in the driver: enqueues into the driver's transport."""
@@ -273,10 +276,19 @@ class MonarchTransport(PortQueueTransport):
         self._need_hosted("stats")
         return self._ref.stats.call_one().get(timeout=timeout)
 
-    def update_weights(self, weights, version: int | None = None, timeout: float = 60.0) -> None:
-        """Hand weights to the Monarch-hosted server; applied between batches."""
+    def update_weights(self, weights, version: int | None = None, timeout: float = 60.0) -> int:
+        """Hand weights to the Monarch-hosted server; returns the version answers will carry.
+
+        Checked in the server process (ValueError for missing keys or wrong
+        shapes; the old weights keep serving). Once this returns, every request
+        sent afterwards is answered with these weights (or newer): the server
+        applies them before its next batch.
+        """
         self._need_hosted("update_weights")
-        self._ref.update_weights.call_one(weights, version).get(timeout=timeout)
+        kind, value = self._ref.update_weights.call_one(weights, version).get(timeout=timeout)
+        if kind != "ok":
+            raise value
+        return value
 
     def shutdown(self, timeout: float = 10.0) -> None:
         """Stop the hosted server and its process (if this transport spawned it)."""

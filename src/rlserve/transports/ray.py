@@ -3,9 +3,9 @@
 Two ways to host the server (see docs/ray.md for why):
 
 * **in a Ray actor** -- ``RayTransport(policy_factory=make_policy, server_kwargs=...)``
-  starts an async Ray actor that builds the policy with the factory and runs
+  starts a threaded Ray actor that builds the policy with the factory and runs
   an :class:`~rlserve.InferenceServer` on an in-actor queue. A request is one
-  actor call: the ``infer`` coroutine enqueues it and awaits its row; the
+  actor call: its request thread enqueues it and blocks for its row; the
   server batches whatever calls are pending.
 * **in the driver** -- ``InferenceServer(policy, RayTransport())`` as with any
   transport. Ray cannot deliver actor calls to the driver, so a small async

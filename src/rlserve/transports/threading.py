@@ -138,6 +138,10 @@ class ThreadingTransport(InferenceTransport):
                 self._signal.acquire(blocking=False)
         self._sleeping = False
 
+    def _pending(self) -> int:
+        """Requests waiting to be drained (a hint for the server's scheduling)."""
+        return len(self._q)
+
     def drain_timed(self, max_items: int):
         q = self._q
         n = min(len(q), max_items)

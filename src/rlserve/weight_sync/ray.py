@@ -66,6 +66,9 @@ class _MailboxImpl:
                 return None
         return self.version, self.box
 
+    async def current(self) -> int:
+        return self.version
+
     async def mark_taken(self, version: int) -> None:
         self.taken = max(self.taken, version)
         async with self._c():
@@ -197,4 +200,4 @@ class RayWeightSyncScheme(WeightSyncScheme):
     @property
     def published_version(self) -> int:
         """Newest version the mailbox holds (one Ray call)."""
-        return _ray().get(self._mailbox.newer_than.remote(-1, 0.0), timeout=30)[0]
+        return _ray().get(self._mailbox.current.remote(), timeout=30)
