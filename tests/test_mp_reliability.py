@@ -3,6 +3,7 @@ import functools
 import multiprocessing as mp
 import os
 import signal
+import threading
 import time
 
 import pytest
@@ -60,7 +61,7 @@ def _one_call(client, q):
 
 
 def test_sigkilled_actor_gives_its_slots_back():
-    ctx = mp.get_context("spawn")
+    ctx = mp.get_context("fork")  # cheap to start; spawn is covered elsewhere
     tr = MPTransport(max_clients=2)
     with InferenceServer(slow_doubler(0.3), tr, max_batch_size=4) as server:
         q = ctx.Queue()
@@ -174,8 +175,6 @@ class SlowOnNegative(nn.Module):
 
     def forward(self, x):
         if (x < 0).any():
-            import threading
-
             _busy.setdefault(os.getpid(), threading.Event()).set()
             time.sleep(self.s)
         return x * 2
@@ -190,8 +189,6 @@ def _td(v, n=8):
 
 
 def _wait_busy(timeout=10.0):
-    import threading
-
     assert _busy.setdefault(os.getpid(), threading.Event()).wait(timeout), "the model never started its slow forward"
     _busy.pop(os.getpid())
 
@@ -207,8 +204,6 @@ def _doomed_actor(client, go, ready):
 
 def test_unread_request_of_a_killed_actor_never_reaches_the_next_owner_of_its_place():
     """A SIGKILLed actor's queued request is dropped, not answered to the client that gets its slots."""
-    import threading
-
     ctx = mp.get_context("fork")
     tr = MPTransport(max_clients=3)
     with InferenceServer(slow_on_negative(2.0), tr, max_batch_size=1) as server:

@@ -1,6 +1,7 @@
 """MPTransport with real actor processes: start methods, layouts, dtypes, fallbacks, backpressure."""
 import multiprocessing as mp
 import os
+import threading
 import time
 
 import pytest
@@ -9,8 +10,7 @@ import torch.nn as nn
 from tensordict import NonTensorData, TensorDict
 from tensordict.nn import TensorDictModule
 
-from rlserve import (InferenceServer, MPTransport, QueueFullError, RequestError, ServerClosedError,
-                     ServerDeadError)
+from rlserve import InferenceServer, MPTransport, QueueFullError, RequestError, ServerClosedError
 from rlserve.bench.common import seed_policy
 
 
@@ -137,7 +137,7 @@ def _dtype_actor(client, q):
 
 
 def test_nested_keys_many_dtypes_and_images_take_the_fast_path():
-    ctx = mp.get_context("spawn")
+    ctx = mp.get_context("fork")  # start methods are covered above; fork keeps this fast
     tr = MPTransport()
     with InferenceServer(copy_model, tr, max_batch_size=8):
         res = _run(ctx, _dtype_actor, [(tr.client(),), (tr.client(),)])
@@ -234,7 +234,7 @@ def _register_actor(client, q):
 
 
 def test_max_clients_bound_is_clear():
-    ctx = mp.get_context("spawn")
+    ctx = mp.get_context("fork")  # (start methods are covered above)
     tr = MPTransport(max_clients=1)
     with InferenceServer(doubler(), tr):
         c = tr.client()
@@ -355,8 +355,6 @@ def test_policy_version_on_fast_and_pickled_answers():
 
 def test_threads_sharing_one_client_each_get_their_own_answers():
     """Threads racing for a client's few slots never get another thread's answer, nor lose one."""
-    import threading
-
     tr = MPTransport(max_inflight=2)
     with InferenceServer(doubler(), tr, max_batch_size=8):
         c = tr.client()
