@@ -29,6 +29,8 @@ import os
 import numpy as np
 import torch
 
+from ..transports._wire import pid_alive
+
 SEQ, VERSION, LATEST, LATEST_VERSION, READING, READER_PID = range(6)
 NUM_SLOTS = 3
 _ALIGN = 64
@@ -141,7 +143,7 @@ class TripleBuffer:
         c, me = self._c, os.getpid()
         with self._lock:
             pid = int(c[READER_PID])
-            if pid and _alive(pid):
+            if pid and pid_alive(pid):
                 raise RuntimeError(
                     f"this weight-sync scheme already feeds a server (in process {pid}); "
                     "create one scheme per server"
@@ -154,13 +156,3 @@ class TripleBuffer:
             if int(c[READER_PID]) == os.getpid():
                 c[READER_PID] = 0
                 c[READING] = -1
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
