@@ -14,28 +14,7 @@ from tensordict.nn import TensorDictModule
 
 from rlserve import InferenceServer, MPTransport, ProcessServer, ServerClosedError, ServerDeadError
 from rlserve.bench.common import seed_policy
-
-
-def _shm():
-    return {f for f in os.listdir("/dev/shm") if f.startswith("rlserve_")}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def no_shm_leftovers():
-    before = _shm()
-    yield
-    time.sleep(0.2)
-    assert _shm() - before == set(), "rlserve shared-memory segments left in /dev/shm"
-
-
-class Slow(nn.Module):
-    def __init__(self, s):
-        super().__init__()
-        self.s = s
-
-    def forward(self, x):
-        time.sleep(self.s)
-        return x * 2
+from mp_helpers import Slow, rlserve_shm as _shm
 
 
 def slow_doubler(sleep):

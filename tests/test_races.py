@@ -7,7 +7,7 @@ import pytest
 import torch
 from tensordict import TensorDict, lazy_stack
 
-from rlserve import InferenceServer, QueueFullError, RequestError, ServerClosedError, ThreadingTransport
+from rlserve import InferenceServer, RequestError, ServerClosedError, ThreadingTransport
 
 
 def td(v=1.0, n=2):

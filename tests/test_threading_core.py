@@ -2,10 +2,8 @@
 import concurrent.futures
 import threading
 
-import pytest
 import torch
 from tensordict import TensorDict
-from tensordict.nn import TensorDictModule
 
 from rlserve import InferenceServer, ThreadingTransport
 

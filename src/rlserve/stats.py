@@ -57,7 +57,6 @@ class ServerStats:
             rate = sum(n for _, n in recent) / span
         else:
             rate = 0.0
-        ms = 1e3
         return {
             "requests": self.requests,
             "batches": self.batches,

@@ -21,7 +21,6 @@ import time
 import weakref
 from concurrent.futures import Future, InvalidStateError
 
-import torch
 
 from .._td import TensorDictBase
 from ..errors import QueueFullError, RequestError, ServerClosedError, ServerDeadError
