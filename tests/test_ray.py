@@ -1,5 +1,4 @@
 """RayTransport and RayWeightSyncScheme on a real local Ray cluster (ray.init(num_cpus=2))."""
-import os
 import subprocess
 import sys
 import time

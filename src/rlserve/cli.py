@@ -62,6 +62,8 @@ def _bench_argv(flags: dict, a) -> list[str]:
         argv += [flag, *map(str, val)]
     if a.no_wait_idle and "--no-wait-idle" in flags:
         argv.append("--no-wait-idle")
+    if a.torchrl_python and "--torchrl-python" in flags:
+        argv += ["--torchrl-python", a.torchrl_python]
     return argv
 
 
@@ -198,6 +200,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--repeats", type=int, help="repeats per measurement")
     b.add_argument("--no-wait-idle", action="store_true", help="do not wait for an idle machine")
     b.add_argument("--plot", help="write a PNG bar chart of requests/s here")
+    b.add_argument("--torchrl-python", help="python of an environment with torchrl, for benchmarks that "
+                                            "run torchrl's server in a separate process (ray)")
     b.set_defaults(fn=_bench)
     return ap
 
