@@ -6,7 +6,7 @@ TORCH  ?= torch==2.13.0
 PIP    := $(VENV)/bin/python -m pip
 EXTRAS ?= test,ray,monarch,demo
 
-.PHONY: setup demo test bench bench-env clean
+.PHONY: setup demo test test-main test-td014 bench bench-env clean
 
 setup: $(VENV)/.installed
 
@@ -20,8 +20,25 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 demo: setup  ## train CartPole-v1 with actors served by rlserve
 	OMP_NUM_THREADS=1 $(VENV)/bin/rlserve demo
 
-test: setup  ## the whole test suite
+test: test-main test-td014  ## the whole suite, then its core again on the oldest supported tensordict
+
+test-main: setup
 	OMP_NUM_THREADS=1 $(VENV)/bin/python -m pytest
+
+# Threads, processes and weight sync on tensordict 0.14.3 (no engines, no gym needed).
+TD014_TESTS = tests/test_threading_core.py tests/test_reliability.py tests/test_races.py \
+	tests/test_batching_policy.py tests/test_fastpath.py tests/test_weight_sync.py \
+	tests/test_weight_sync_mp.py tests/test_mp_transport.py tests/test_mp_reliability.py
+
+test-td014: .venv-td014/.installed
+	OMP_NUM_THREADS=1 .venv-td014/bin/python -m pytest -p no:cacheprovider $(TD014_TESTS)
+
+.venv-td014/.installed: pyproject.toml constraints-td014.txt
+	$(PYTHON) -m venv .venv-td014
+	.venv-td014/bin/python -m pip install -q "$(TORCH)"
+	.venv-td014/bin/python -m pip install -q -c constraints-td014.txt -e ".[test]"
+	@.venv-td014/bin/python -c "import tensordict; print('tensordict', tensordict.__version__)"
+	touch $@
 
 bench: setup  ## every benchmark, one table (see README: Performance)
 	OMP_NUM_THREADS=1 $(VENV)/bin/rlserve bench
@@ -35,4 +52,4 @@ bench-env: .venv-bench/.installed
 	touch $@
 
 clean:
-	rm -rf $(VENV) .venv-bench
+	rm -rf $(VENV) .venv-bench .venv-td014
