@@ -7,10 +7,13 @@ optional hooks the server uses when present:
 * ``drain_timed(max_items) -> (inputs, callbacks, submit_times)`` so queue
   wait and the batching deadline count from each request's real arrival
   (``time.perf_counter`` clock);
-* ``resolve_batch(callbacks, batch_output, rows) -> None`` to answer a whole
-  batch at once (``rows`` is None when the transport asked for the batch
-  unsplit via ``wants_rows = False``);
-* ``_wake()`` so shutdown does not wait for ``wait_for_work`` to time out.
+* ``resolve_batch(callbacks, batch_output, None)`` with the class attribute
+  ``wants_rows = False``: the server hands over each batch output unsplit and
+  the transport answers all its rows at once (stamping ``policy_version``
+  itself); it must answer every row or raise before answering any;
+* ``_wake()`` so shutdown does not wait for ``wait_for_work`` to time out;
+* ``_pending() -> int`` (in-process transports only): requests waiting to be
+  drained, so the server can hand the GIL to actor threads about to resubmit.
 """
 from __future__ import annotations
 
