@@ -257,6 +257,7 @@ class InferenceServer:
                         else:
                             ins, cbs, ts = list(i2), list(c2), list(t2)
                 if not ins:
+                    self._apply_weight_updates()  # idle: keep the weights and the version current
                     continue
                 wait = policy.wait_time(len(ins), min(ts), _perf())
                 if wait > 0:
