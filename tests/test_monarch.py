@@ -182,3 +182,76 @@ def test_update_weights_reaches_the_hosted_server(mesh):
         res = list(callers.call.call(1.0).get(timeout=60).values())
         assert all(r[0] == "ok" and r[2] == 7 and r[1] == [27.0] for r in res), res
         assert tr.stats()["policy_version"] == 7
+
+
+class _Bomb:
+    """Pickles fine, but unpickling it raises ZeroDivisionError on the receiving side."""
+
+    def __reduce__(self):
+        import operator
+
+        return (operator.truediv, (1, 0))
+
+
+class _LockPolicy:
+    """Answers carry a non-picklable entry (e.g. a handle) besides the action."""
+
+    def __call__(self, td):
+        import threading
+
+        td.set("action", td["observation"] * 2)
+        td.set_non_tensor("handle", threading.Lock())
+        return td
+
+
+def test_unsendable_answers_and_undecodable_requests_fail_only_their_caller():
+    from tensordict import NonTensorData
+
+    tr = MonarchTransport()
+    try:
+        with InferenceServer(_LockPolicy(), tr, max_batch_size=4):
+            client = tr.client()
+            t0 = time.monotonic()
+            with pytest.raises(RuntimeError, match="could not send its answer"):  # not a hang
+                client(obs(1), timeout=20)
+            assert time.monotonic() - t0 < 15
+            with pytest.raises(RuntimeError, match="could not send its answer"):  # still serving
+                client(obs(2), timeout=20)
+    finally:
+        tr.shutdown()
+
+
+def test_request_that_fails_to_unpickle_is_the_callers_error_not_a_dead_server():
+    from tensordict import NonTensorData
+
+    tr = MonarchTransport()
+    try:
+        with InferenceServer(seed_policy(), tr, max_batch_size=4):
+            client = tr.client()
+            bad = TensorDict(observation=torch.ones(8), extra=NonTensorData(_Bomb()))
+            with pytest.raises(Exception) as ei:
+                client(bad, timeout=20)
+            assert not isinstance(ei.value, ServerDeadError), ei.value
+            assert isinstance(ei.value, (ZeroDivisionError, RequestError)), repr(ei.value)
+            assert client(obs(2), timeout=20)["action"].shape == (4,)  # still serving
+    finally:
+        tr.shutdown()
+
+
+def _exploding_factory():
+    raise ValueError("factory exploded")
+
+
+def test_failing_policy_factory_raises_and_leaves_no_process():
+    def children():
+        out = subprocess.run(["pgrep", "-P", str(os.getpid())], capture_output=True, text=True)
+        return set(out.stdout.split())
+
+    before = children()
+    with pytest.raises(RuntimeError, match="policy_factory failed") as ei:
+        MonarchTransport(_exploding_factory)
+    assert ei.value.__cause__ is not None and "factory exploded" in str(ei.value)
+    t_end = time.monotonic() + 10
+    while children() - before and time.monotonic() < t_end:
+        time.sleep(0.2)
+    assert not children() - before

@@ -310,3 +310,79 @@ def test_clients_pickle_and_run_in_a_driver_thread_pool(doubler, slow, callers):
     # they are answered, and the server stays usable.
     refs = [callers[i % 3].call.remote(slow.client(), 7) for i in range(5)]
     assert all(k == "ok" and float(td["action"][0]) == 14.0 for k, td in ray.get(refs, timeout=60))
+
+
+def test_weight_sync_survives_idle_polls_and_reports_rejected_weights(monkeypatch):
+    """An idle server renews its mailbox poll; weights it refuses make send(wait=True) raise."""
+    import rlserve.weight_sync.ray as wsr
+    from rlserve import ThreadingTransport
+
+    monkeypatch.setattr(wsr, "_POLL_S", 0.2)  # the poll expires many times while idle
+    scheme = RayWeightSyncScheme()  # no sender model: only the server can check the weights
+    tt = ThreadingTransport()
+    with InferenceServer(make_affine(), tt, weight_sync=scheme):
+        client = tt.client()
+        ones = TensorDict(observation=torch.ones(8))
+        assert int(client(ones)["policy_version"]) == 0
+        time.sleep(1.0)  # no requests, several expired polls
+        assert scheme.send(weights=const_weights(1), wait=True, timeout=10) == 1
+        out = client(ones)
+        assert int(out["policy_version"]) == 1 and float(out["action"]) == 9.0
+        with pytest.raises(ValueError, match="rejected weights version 2"):
+            scheme.send(weights={"module.weight": torch.zeros(2, 8), "module.bias": torch.zeros(1)},
+                        wait=True, timeout=10)
+        out = client(ones)  # the refused weights never reached the model
+        assert int(out["policy_version"]) == 1 and float(out["action"]) == 9.0
+        assert scheme.send(weights=const_weights(3), wait=True, timeout=10) == 3
+        assert int(client(ones)["policy_version"]) == 3
+
+
+def test_output_without_batch_size_is_split_like_the_threads_path():
+    """TensorDictModule(inplace=False) returns a TensorDict with batch_size=[]: still served."""
+    model = TensorDictModule(Doubler(), in_keys=["observation"], out_keys=["action"], inplace=False)
+    tr = RayTransport()
+    with InferenceServer(model, tr, max_batch_size=4):
+        out = tr.client()(obs(3), timeout=30)
+        assert float(out["action"][0]) == 6.0 and int(out["policy_version"]) == 0
+    tr.shutdown()
+
+
+def test_driver_stall_is_not_a_permanent_death():
+    """A driver that stops beating past dead_after serves again once it beats again."""
+    import ctypes
+
+    tr = RayTransport(dead_after=1.0)
+    try:
+        with InferenceServer(make_doubler(), tr, max_batch_size=4):
+            client = tr.client()
+            assert float(client(obs(1), timeout=30)["action"][0]) == 2.0
+            ctypes.PyDLL(None).sleep(2)  # a C call holding the GIL: no heartbeat for 2 s,
+            # so the gateway declares the driver dead; it must serve again once the driver
+            # beats again (every 0.5 s). Calls racing that first beat may still see the death.
+            t_end = time.monotonic() + 10
+            while True:
+                try:
+                    out = client(obs(2), timeout=30)
+                    break
+                except ServerDeadError:
+                    assert time.monotonic() < t_end, "still dead 10 s after the stall"
+                    time.sleep(0.1)
+            assert float(out["action"][0]) == 4.0
+        t0 = time.monotonic()
+        assert ray.get(tr.actor.take.remote(8, 0.5), timeout=30) == []  # not serving: it waits
+        assert time.monotonic() - t0 >= 0.4
+    finally:
+        tr.shutdown()
+
+
+def test_clients_after_shutdown_get_server_closed_error():
+    tr = RayTransport(make_doubler)
+    client = tr.client()
+    assert float(client(obs(1), timeout=30)["action"][0]) == 2.0
+    tr.shutdown()
+    with pytest.raises(ServerClosedError):
+        client(obs(1), timeout=30)
+    with pytest.raises(ServerClosedError):
+        client.submit(obs(1)).result(timeout=30)
+    with pytest.raises(ServerClosedError):
+        tr.client()

@@ -76,10 +76,24 @@ def decode_td(payload) -> TensorDictBase:
     raise RequestError(f"request must be a TensorDict, got {type(payload).__name__}")
 
 
+def _restore_batch_dim(out, n: int) -> None:
+    """Give a batch-size-less output ``batch_size=[n]`` when every leaf leads with ``n``.
+
+    E.g. TensorDictModule(inplace=False) returns a fresh TensorDict with no batch
+    size; the in-process path (rlserve.collate.split_rows) accepts it the same way.
+    """
+    if out.batch_dims == 0 and not out.is_empty():
+        try:
+            out.batch_size = torch.Size([n])
+        except RuntimeError:  # some leaf does not lead with n: the caller reports it
+            pass
+
+
 def encode_rows(out, n: int, version_key, version: int) -> list:
     """Split a batched model output into ``n`` encoded replies, stamping the version."""
     if not isinstance(out, TensorDictBase):
         raise TypeError(f"the model returned {type(out).__name__}, expected a TensorDict")
+    _restore_batch_dim(out, n)
     if out.batch_dims == 0 or out.batch_size[0] != n:
         raise RuntimeError(
             f"the model returned batch_size={list(out.batch_size)} for a batch of {n} requests; "

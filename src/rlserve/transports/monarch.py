@@ -25,7 +25,7 @@ import os
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 
-from ..errors import ServerDeadError
+from ..errors import RequestError, ServerDeadError
 from ..transport import InferenceClient
 from ._remote import decode_td, encode_rows, encode_td, reply_error, unwrap_reply
 from .threading import ThreadingTransport
@@ -50,11 +50,8 @@ def _monarch():
 
 
 def _is_supervision_error(e: BaseException) -> bool:
-    return type(e).__name__ in ("SupervisionError", "ActorError", "MeshFailure") and not _carries_user_error(e)
-
-
-def _carries_user_error(e) -> bool:
-    return type(e).__name__ == "ActorError" and not isinstance(getattr(e, "exception", None), BaseException)
+    """Only these mean the server actor (or its process) is dead."""
+    return type(e).__name__ in ("SupervisionError", "MeshFailure")
 
 
 def _translate(e: BaseException) -> BaseException:
@@ -62,6 +59,15 @@ def _translate(e: BaseException) -> BaseException:
         return e
     if _is_supervision_error(e):
         err = ServerDeadError(f"the Monarch server actor is gone ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
+        err.__cause__ = e
+        return err
+    if type(e).__name__ == "ActorError":
+        # The endpoint call itself failed (e.g. the request did not unpickle on the
+        # server) while the actor lives on: the caller's own error, not a dead server.
+        inner = getattr(e, "exception", None)
+        if isinstance(inner, BaseException):
+            return inner
+        err = RequestError(f"the server could not run this request: {str(e).splitlines()[0] if str(e) else e!r}")
         err.__cause__ = e
         return err
     return e
@@ -147,8 +153,16 @@ class PortQueueTransport(ThreadingTransport):
 def _send(port, reply) -> None:
     try:
         port.send(reply)
-    except Exception as e:  # the caller is gone: nobody to answer
-        log.debug("rlserve: could not answer a Monarch caller: %r", e)
+        return
+    except Exception as e:  # the answer does not pickle, or the caller is gone
+        first = e
+    try:  # an error reply always pickles: if this fails too, nobody is listening
+        port.send(reply_error(RuntimeError(
+            f"the server could not send its answer ({type(first).__name__}: {first})")))
+    except Exception as e:
+        log.debug("rlserve: could not answer a Monarch caller (gone?): %r / %r", first, e)
+        return
+    log.warning("rlserve: could not send an answer to a Monarch caller; sent it the error: %r", first)
 
 
 def _actor_classes():
@@ -253,9 +267,13 @@ class MonarchTransport(PortQueueTransport):
         if self._hosted:
             if procs is None:
                 procs = self._own_procs = ma.this_host().spawn_procs()
-            mesh = procs.spawn(f"rlserve_server_{next(_keys)}", server_cls, policy_factory, dict(server_kwargs or {}))
-            self._ref = _single(mesh)
-            self._ref.stats.call_one().get(timeout=120)  # built and serving (surfaces factory errors)
+            try:
+                mesh = procs.spawn(f"rlserve_server_{next(_keys)}", server_cls, policy_factory, dict(server_kwargs or {}))
+                self._ref = _single(mesh)
+                self._ref.stats.call_one().get(timeout=120)  # built and serving (surfaces factory errors)
+            except Exception as e:
+                self._stop_own_procs(10.0)  # leave no orphan process behind
+                raise RuntimeError(f"policy_factory failed: {_first_line(e)}") from e
         else:
             if server_kwargs:
                 raise ValueError("server_kwargs only apply with policy_factory (server in a Monarch actor)")
@@ -297,14 +315,17 @@ class MonarchTransport(PortQueueTransport):
                 self._ref.shutdown.call_one().get(timeout=timeout)
             except Exception:  # already dead: stopping the procs settles it
                 pass
-            if self._own_procs is not None:
-                try:
-                    self._own_procs.stop().get(timeout=timeout)
-                except Exception as e:
-                    log.warning("rlserve: stopping the Monarch server process failed: %r", e)
-                self._own_procs = None
+            self._stop_own_procs(timeout)
         else:
             _LOCAL.pop(getattr(self, "_key", None), None)
+
+    def _stop_own_procs(self, timeout: float) -> None:
+        procs, self._own_procs = self._own_procs, None
+        if procs is not None:
+            try:
+                procs.stop().get(timeout=timeout)
+            except Exception as e:
+                log.warning("rlserve: stopping the Monarch server process failed: %r", e)
 
     def __enter__(self):
         return self
@@ -326,6 +347,17 @@ class MonarchTransport(PortQueueTransport):
 
     def __reduce__(self):
         raise TypeError("MonarchTransport stays in the driver; pass transport.client() to actors instead")
+
+
+def _first_line(e: BaseException) -> str:
+    """Monarch errors carry whole remote tracebacks: keep the headline."""
+    inner = getattr(e, "exception", None)
+    if isinstance(inner, BaseException):
+        e = inner
+    lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
+    if "Traceback" in str(e) and lines:  # a remote traceback: its last line is the error
+        return lines[-1]
+    return f"{type(e).__name__}: {lines[0] if lines else ''}"
 
 
 def _single(mesh):

@@ -99,8 +99,23 @@ def _translate(e: BaseException, what: str) -> BaseException:
     import ray
 
     if isinstance(e, (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)):
+        if _EXITED_ON_PURPOSE in str(e):  # RayTransport.shutdown() ended it (see _exit)
+            err = ServerClosedError(f"the inference server was shut down (its Ray {what} actor has exited)")
+            err.__cause__ = e
+            return err
         return _dead_error(e, what)
     return e
+
+
+# Ray's text for an actor that ended itself with exit_actor(), as shutdown() does; an actor
+# ended by ray.kill or a crash is a dead server instead.
+_EXITED_ON_PURPOSE = "exit_actor() is called"
+
+
+def _exit_actor() -> None:
+    import ray
+
+    ray.actor.exit_actor()
 
 
 # -- server hosted in a Ray actor ---------------------------------------------------
@@ -146,13 +161,16 @@ class _ServerActorImpl:
     def shutdown(self) -> None:
         self._server.shutdown()
 
+    def exit(self) -> None:
+        _exit_actor()
+
 
 _CONTROL_GROUP = "rlserve_control"
 
 
 def _server_actor_class(ray, groups: dict):
     """The Ray actor class, control methods placed in their own concurrency group."""
-    for name in ("ready", "pid", "stats", "update_weights", "shutdown"):
+    for name in ("ready", "pid", "stats", "update_weights", "shutdown", "exit"):
         ray.method(concurrency_group=_CONTROL_GROUP)(getattr(_ServerActorImpl, name))
     return ray.remote(concurrency_groups={**groups, _CONTROL_GROUP: 2})(_ServerActorImpl)
 
@@ -170,6 +188,7 @@ class _GatewayImpl:
         self._reason = "the inference server is not started; call server.start() first"
         self._last_beat = time.monotonic()
         self._dead_after = dead_after
+        self._stalled = False  # "dead" only because heartbeats stopped (the driver may resume)
         self._watchdog = None
 
     def _ev(self) -> asyncio.Event:
@@ -191,8 +210,9 @@ class _GatewayImpl:
             self._futs.pop(rid, None)
 
     async def take(self, max_items: int, wait_s: float):
-        self._last_beat = time.monotonic()
-        if not self._pending and self._state == "serving":
+        self._beat_seen()
+        # Wait even when not serving: the driver's loop must not spin on empty answers.
+        if not self._pending:
             ev = self._ev()
             ev.clear()
             try:
@@ -216,7 +236,7 @@ class _GatewayImpl:
                 f.set_result(r)
 
     async def set_state(self, state: str, reason: str = "") -> None:
-        self._state = state
+        self._state, self._stalled = state, False
         self._last_beat = time.monotonic()
         if state != "serving":
             self._reason = reason
@@ -225,9 +245,19 @@ class _GatewayImpl:
             self._watchdog = asyncio.get_running_loop().create_task(self._watch())
 
     async def heartbeat(self, alive: bool, reason: str = "") -> None:
-        self._last_beat = time.monotonic()
+        self._beat_seen()
         if not alive and self._state == "serving":
             await self.set_state("dead", reason)
+
+    def _beat_seen(self) -> None:
+        """The driver is alive: undo a death the watchdog declared only for missed heartbeats."""
+        self._last_beat = time.monotonic()
+        if self._stalled and self._state == "dead":
+            self._state, self._stalled = "serving", False
+            log.warning("rlserve: the driver hosting the inference server is responsive again; serving")
+
+    async def exit(self) -> None:
+        _exit_actor()
 
     def _error(self):
         return (ServerDeadError if self._state == "dead" else ServerClosedError)(self._reason)
@@ -243,7 +273,7 @@ class _GatewayImpl:
         while True:
             await asyncio.sleep(_HEARTBEAT_S)
             if self._state == "serving" and time.monotonic() - self._last_beat > self._dead_after:
-                self._state = "dead"
+                self._state, self._stalled = "dead", True
                 self._reason = f"the driver hosting the inference server sent no heartbeat for {self._dead_after} s"
                 self._fail_all()
 
@@ -316,6 +346,8 @@ class RayTransport(InferenceTransport):
         return self._handle
 
     def client(self) -> RayClient:
+        if self._handle is None:
+            raise ServerClosedError("this RayTransport is shut down")
         return RayClient(self._handle, "server" if self._hosted else "gateway")
 
     # -- server-in-an-actor mode -------------------------------------------------------
@@ -340,7 +372,17 @@ class RayTransport(InferenceTransport):
             except Exception:  # already dead or stuck: the kill below settles it
                 pass
         self._stop_heartbeat()
-        ray.kill(self._handle)
+        # The actor ends itself, so clients still holding its handle get ServerClosedError
+        # (Ray records the exit as intended); ray.kill only when that does not work.
+        try:
+            ray.get(self._handle.exit.remote(), timeout=timeout)
+            exited = False
+        except ray.exceptions.RayActorError as e:
+            exited = _EXITED_ON_PURPOSE in str(e)
+        except Exception:
+            exited = False
+        if not exited:
+            ray.kill(self._handle)
         self._handle = None
 
     def __enter__(self):

@@ -2,9 +2,11 @@
 
 The trainer ``ray.put``s the weights and registers the reference with a tiny
 async *mailbox* actor, which numbers the versions. The server side keeps one
-long-poll to the mailbox in flight; between batches ``receive()`` only looks
-whether it has landed (no blocking call), then fetches the newest weights
-from the object store and copies them into the live model in place -- on
+long-poll to the mailbox in flight (renewed when it expires, busy or idle);
+when it lands, a helper thread fetches the weights from the object store,
+checks them against the model and tells the mailbox whether the server took
+or rejected them. Between batches ``receive()`` only copies weights already
+fetched into the live model in place (no blocking call) -- on
 the server thread, between two forwards, so no batch sees torn weights and
 each answer's version is the version of the weights that produced it.
 Intermediate versions a slow server never saw are skipped: newest wins.
@@ -40,6 +42,7 @@ class _MailboxImpl:
         self.version = 0
         self.box = None
         self.taken = 0
+        self.rejected = {}  # version -> why the server refused it
         self._cond = None
 
     def _c(self) -> asyncio.Condition:
@@ -69,19 +72,28 @@ class _MailboxImpl:
     async def current(self) -> int:
         return self.version
 
-    async def mark_taken(self, version: int) -> None:
-        self.taken = max(self.taken, version)
+    async def mark_taken(self, version: int, error: str | None = None) -> None:
+        if error is None:
+            self.taken = max(self.taken, version)
+        else:
+            self.rejected[version] = error
+            while len(self.rejected) > 64:  # bounded: only recent senders wait on these
+                self.rejected.pop(min(self.rejected))
         async with self._c():
             self._c().notify_all()
 
-    async def wait_taken(self, version: int, wait_s: float) -> bool:
+    async def wait_taken(self, version: int, wait_s: float):
+        """True once a server holds ``version`` (or newer), the reason if it refused it, False on timeout."""
         c = self._c()
         async with c:
             try:
-                await asyncio.wait_for(c.wait_for(lambda: self.taken >= version), wait_s)
+                await asyncio.wait_for(
+                    c.wait_for(lambda: self.taken >= version or version in self.rejected), wait_s)
             except asyncio.TimeoutError:
                 return False
-        return True
+        if self.taken >= version:
+            return True
+        return self.rejected[version]
 
 
 class RayWeightSyncScheme(WeightSyncScheme):
@@ -97,7 +109,8 @@ class RayWeightSyncScheme(WeightSyncScheme):
     ``send(weights=state_dict)``. ``send(..., wait=True)`` returns only once
     the server process holds those weights; the server applies them before
     its next batch, so every request submitted after ``send`` returns is
-    answered with them (or newer).
+    answered with them (or newer). Weights the server refuses (e.g. shapes
+    that do not match its model) make ``send(..., wait=True)`` raise ValueError.
 
     Args:
         actor_options: ``.options(...)`` of the mailbox actor.
@@ -115,7 +128,10 @@ class RayWeightSyncScheme(WeightSyncScheme):
         self._receiver_model = None
         self._seen = 0
         self._poll = None
-        self._lock = threading.Lock()
+        self._ready = None  # (version, checked weights) fetched, not yet applied
+        self._closed = False
+        # Re-entrant: add_done_callback runs _landed at once, under the lock, when the poll is done.
+        self._lock = threading.RLock()
 
     def __getstate__(self):
         return {"_mailbox": self._mailbox}  # per-process state is rebuilt on the other side
@@ -143,59 +159,90 @@ class RayWeightSyncScheme(WeightSyncScheme):
         flat = {k: v.detach().to("cpu", copy=True) for k, v in dict(weights).items()}
         ref = ray.put(flat)
         v = ray.get(self._mailbox.publish.remote([ref], version), timeout=timeout)
-        if wait and not ray.get(self._mailbox.wait_taken.remote(v, timeout), timeout=timeout + 5):
-            raise TimeoutError(f"no server took weights version {v} within {timeout} s")
+        if wait:
+            ok = ray.get(self._mailbox.wait_taken.remote(v, timeout), timeout=timeout + 5)
+            if ok is False:
+                raise TimeoutError(f"no server took weights version {v} within {timeout} s")
+            if ok is not True:
+                raise ValueError(f"the server rejected weights version {v}: {ok}")
         return v
 
     # -- server side --------------------------------------------------------------------
+    # A landed poll hands the fetch to a short-lived thread (a blocking ray.get must not run
+    # in Ray's future callback); that thread checks the weights against the model, tells the
+    # mailbox taken/rejected, keeps them ready for receive() and re-issues the poll.
     def init_on_receiver(self, model=None, **kwargs) -> None:
         self._receiver_model = model
-        self._issue_poll()
+        self._ready = None
+        self._closed = False
+        with self._lock:
+            self._issue_poll()
 
     def _issue_poll(self) -> None:
+        """Start the next long-poll (caller holds ``self._lock``)."""
+        if self._closed:
+            return
         fut = self._mailbox.newer_than.remote(self._seen, _POLL_S).future()
         self._poll = fut
         fut.add_done_callback(self._landed)
 
     def _landed(self, fut) -> None:
-        """The new version reached this server: the next batch applies it before it runs."""
-        try:
-            res = fut.result()
-        except Exception:
-            return
-        if res is not None:
-            self._mailbox.mark_taken.remote(res[0])
-
-    def receive(self) -> int | None:
-        """Apply the newest published weights if they have arrived; never blocks on the trainer."""
-        fut = self._poll
-        if fut is None or not fut.done():
-            return None
         try:
             res = fut.result()
         except Exception as e:  # mailbox gone (its owner exited): stop listening
-            log.warning("rlserve: RayWeightSyncScheme mailbox unreachable, weight updates stop: %r", e)
-            self._poll = None
-            return None
-        if res is None:  # long-poll expired with nothing new
-            self._issue_poll()
-            return None
+            if not self._closed:
+                log.warning("rlserve: RayWeightSyncScheme mailbox unreachable, weight updates stop: %r", e)
+            return
+        if res is None:  # long-poll expired with nothing new: renew it even if no batch runs
+            with self._lock:
+                if fut is self._poll:
+                    self._issue_poll()
+            return
+        threading.Thread(target=self._fetch, args=(fut, res), name="rlserve-weight-fetch",
+                         daemon=True).start()
+
+    def _fetch(self, fut, res) -> None:
         version, box = res
+        error = None
         try:
-            ray = _ray()
-            weights = ray.get(box[0], timeout=30)
-            copy_weights_(self._receiver_model, prepare_weights(self._receiver_model, weights))
+            weights = _ray().get(box[0], timeout=30)
+            prepared = prepare_weights(self._receiver_model, weights)
         except Exception as e:  # never kill the serving loop over a bad update
-            log.error("rlserve: could not apply weights version %s: %r", version, e)
+            log.error("rlserve: could not take weights version %s: %r", version, e)
+            error = f"{type(e).__name__}: {e}"
+        with self._lock:
+            if self._closed or fut is not self._poll:
+                return
+            if error is None:
+                self._ready = (version, prepared)
             self._seen = version
             self._issue_poll()
+        try:
+            self._mailbox.mark_taken.remote(version, error)
+        except Exception:  # mailbox gone: the sender is gone too
+            pass
+
+    def receive(self) -> int | None:
+        """Apply the newest weights this process has fetched; never blocks on the trainer."""
+        if self._ready is None:
             return None
-        self._seen = version
-        self._issue_poll()
+        with self._lock:
+            ready, self._ready = self._ready, None
+        if ready is None:
+            return None
+        version, weights = ready
+        try:
+            copy_weights_(self._receiver_model, weights)
+        except Exception as e:  # never kill the serving loop over a bad update
+            log.error("rlserve: could not apply weights version %s: %r", version, e)
+            return None
         return version
 
     def _close_receiver(self) -> None:
-        self._poll = None
+        with self._lock:
+            self._closed = True
+            self._poll = None
+            self._ready = None
 
     @property
     def published_version(self) -> int:
