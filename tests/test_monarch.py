@@ -205,8 +205,6 @@ class _LockPolicy:
 
 
 def test_unsendable_answers_and_undecodable_requests_fail_only_their_caller():
-    from tensordict import NonTensorData
-
     tr = MonarchTransport()
     try:
         with InferenceServer(_LockPolicy(), tr, max_batch_size=4):
