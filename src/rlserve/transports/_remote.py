@@ -118,6 +118,15 @@ def encode_rows(out, n: int, version_key, version: int) -> list:
     return [_dumps((row_bs, keys, tuple([c[i, ...] for c in cols])), 5) for i in range(n)]
 
 
+def encode_replies(server, batch_out, n: int) -> list:
+    """The ``n`` wire replies of a batch output, stamped with ``server``'s version;
+    if the output cannot be split, every caller gets the error instead."""
+    try:
+        return encode_rows(batch_out, n, server.policy_version_key, server.policy_version)
+    except Exception as e:
+        return [reply_error(e)] * n
+
+
 def reply_error(exc: BaseException) -> tuple:
     """An error reply that is sure to pickle (the model's own exception may not)."""
     try:
@@ -182,11 +191,7 @@ class WaiterQueueTransport(ThreadingTransport):
         return r
 
     def resolve_batch(self, callbacks, batch_out, rows) -> None:
-        s = self._server
-        try:
-            replies = encode_rows(batch_out, len(callbacks), s.policy_version_key, s.policy_version)
-        except Exception as e:
-            replies = [reply_error(e)] * len(callbacks)
+        replies = encode_replies(self._server, batch_out, len(callbacks))
         for cb, r in zip(callbacks, replies):
             cb.set_result(r)
 

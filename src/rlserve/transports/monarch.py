@@ -27,7 +27,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 from ..errors import RequestError, ServerDeadError
 from ..transport import InferenceClient
-from ._remote import decode_td, encode_rows, encode_td, reply_error, unwrap_reply
+from ._remote import decode_td, encode_replies, encode_rows, encode_td, reply_error, unwrap_reply
 from .threading import ThreadingTransport
 
 __all__ = ["MonarchTransport", "MonarchClient"]
@@ -134,11 +134,7 @@ class PortQueueTransport(ThreadingTransport):
             _send(port, reply_error(e))
 
     def resolve_batch(self, callbacks, batch_out, rows) -> None:
-        s = self._server
-        try:
-            replies = encode_rows(batch_out, len(callbacks), s.policy_version_key, s.policy_version)
-        except Exception as e:
-            replies = [reply_error(e)] * len(callbacks)
+        replies = encode_replies(self._server, batch_out, len(callbacks))
         for port, r in zip(callbacks, replies):
             _send(port, r)
 

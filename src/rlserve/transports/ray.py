@@ -29,7 +29,7 @@ from concurrent.futures import Future
 
 from ..errors import ServerClosedError, ServerDeadError
 from ..transport import InferenceClient, InferenceTransport
-from ._remote import WaiterQueueTransport, decode_td, encode_rows, encode_td, reply_error, unwrap_reply
+from ._remote import WaiterQueueTransport, decode_td, encode_replies, encode_rows, encode_td, reply_error, unwrap_reply
 
 __all__ = ["RayTransport", "RayClient"]
 
@@ -519,11 +519,7 @@ class RayTransport(InferenceTransport):
         return tds, cbs
 
     def resolve_batch(self, callbacks, batch_out, rows) -> None:
-        s = self._server
-        try:
-            replies = encode_rows(batch_out, len(callbacks), s.policy_version_key, s.policy_version)
-        except Exception as e:
-            replies = [reply_error(e)] * len(callbacks)
+        replies = encode_replies(self._server, batch_out, len(callbacks))
         self._handle.answer.remote(list(callbacks), replies)
 
     def resolve(self, callback, result) -> None:
