@@ -87,13 +87,17 @@ def _child_main(env_id, make_env, client, q, stop_ev, seed, obs_key, action_key,
     torch.set_num_threads(1)
     actor = EnvActor(env_id, make_env, client, _ChildSink(env_id, q, stop_ev, chunk_size), seed=seed,
                      obs_key=obs_key, action_key=action_key, timeout=timeout)
-    q.cancel_join_thread()  # never hang at exit flushing to a parent that stopped reading
     try:
         actor.run()
     finally:
         close = getattr(client, "close", None)
         if close is not None:
             close()
+        if stop_ev.is_set():
+            # The parent stopped reading: do not wait at exit to flush to it. Otherwise (an
+            # error) exit only once the queue is flushed, or the error message would be lost;
+            # a parent that stops reading meanwhile terminates us after its join timeout.
+            q.cancel_join_thread()
 
 
 def _rebuild_error(env_id, info) -> BaseException:
