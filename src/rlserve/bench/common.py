@@ -102,3 +102,15 @@ def print_table(rows: list[dict], cols: list[str]) -> None:
     print("  ".join(c.ljust(widths[c]) for c in cols))
     for r in rows:
         print("  ".join(str(r.get(c, "")).ljust(widths[c]) for c in cols))
+
+
+def batch_meter(stats_fn):
+    """Start measuring; the returned callable gives the mean batch size since then."""
+    s0 = stats_fn()
+
+    def done():
+        s1 = stats_fn()
+        b = s1["batches"] - s0["batches"]
+        return (s1["requests"] - s0["requests"]) / b if b else float("nan")
+
+    return done

@@ -23,7 +23,7 @@ import torch  # noqa: E402
 from monarch.actor import Actor, endpoint, this_host  # noqa: E402
 from tensordict import TensorDict  # noqa: E402
 
-from .common import pct, print_table, seed_policy, summarize, wait_idle  # noqa: E402
+from .common import batch_meter, pct, print_table, seed_policy, summarize, wait_idle  # noqa: E402
 
 MAX_BATCH = 32
 
@@ -68,17 +68,6 @@ def run_mesh(procs, n: int, client, seconds: float, tag: str) -> dict:
     return {"req_s": len(lats) / seconds, "p50_us": pct(lats, 0.5) * 1e6, "p99_us": pct(lats, 0.99) * 1e6}
 
 
-def _meter(stats_fn):
-    s0 = stats_fn()
-
-    def done():
-        s1 = stats_fn()
-        b = s1["batches"] - s0["batches"]
-        return (s1["requests"] - s0["requests"]) / b if b else float("nan")
-
-    return done
-
-
 def main(argv=None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--actors", type=int, nargs="+", default=[1, 4, 8])
@@ -100,13 +89,13 @@ def main(argv=None) -> list[dict]:
                 wait_idle()
             for n in a.actors:
                 with MonarchTransport(seed_policy, server_kwargs={"max_batch_size": MAX_BATCH}) as tr:
-                    m = _meter(tr.stats)
+                    m = batch_meter(tr.stats)
                     r = run_mesh(procs, n, tr.client(), a.seconds, "a")
                     r["batch"] = m()
                 results.setdefault(("rlserve/actor", n), []).append(r)
                 tr = MonarchTransport()
                 with InferenceServer(seed_policy(), tr, max_batch_size=MAX_BATCH) as server:
-                    m = _meter(server.stats)
+                    m = batch_meter(server.stats)
                     r = run_mesh(procs, n, tr.client(), a.seconds, "d")
                     r["batch"] = m()
                 tr.shutdown()

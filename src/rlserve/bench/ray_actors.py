@@ -32,7 +32,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import torch  # noqa: E402
 from tensordict import TensorDict  # noqa: E402
 
-from .common import pct, print_table, seed_policy, summarize, wait_idle  # noqa: E402
+from .common import batch_meter, pct, print_table, seed_policy, summarize, wait_idle  # noqa: E402
 
 MAX_BATCH = 32
 TORCHRL_CALL_TIMEOUT = 10.0  # s; a torchrl call unanswered this long counts as a stall
@@ -137,24 +137,13 @@ def run_actors(client, n: int, seconds: float, call_timeout=None, per_actor: boo
             "stalls": sum(s for _, s in parts)}
 
 
-def _batch_meter(stats_fn):
-    s0 = stats_fn()
-
-    def done():
-        s1 = stats_fn()
-        b = s1["batches"] - s0["batches"]
-        return (s1["requests"] - s0["requests"]) / b if b else float("nan")
-
-    return done
-
-
 def bench_actor_hosted(n: int, seconds: float) -> dict:
     from rlserve import RayTransport
 
     tr = RayTransport(policy_factory=seed_policy, server_kwargs={"max_batch_size": MAX_BATCH})
     try:
         tr.client()(TensorDict(observation=torch.randn(8)))
-        meter = _batch_meter(tr.stats)
+        meter = batch_meter(tr.stats)
         r = run_actors(tr.client(), n, seconds)
         r["batch"] = meter()
     finally:
@@ -168,7 +157,7 @@ def bench_driver_hosted(n: int, seconds: float) -> dict:
     tr = RayTransport()
     try:
         with InferenceServer(seed_policy(), tr, max_batch_size=MAX_BATCH) as server:
-            meter = _batch_meter(server.stats)
+            meter = batch_meter(server.stats)
             r = run_actors(tr.client(), n, seconds)
             r["batch"] = meter()
     finally:
