@@ -13,7 +13,12 @@ optional hooks the server uses when present:
   itself); it must answer every row or raise before answering any;
 * ``_wake()`` so shutdown does not wait for ``wait_for_work`` to time out;
 * ``_pending() -> int`` (in-process transports only): requests waiting to be
-  drained, so the server can hand the GIL to actor threads about to resubmit.
+  drained, so the server can hand the GIL to actor threads about to resubmit;
+* ``_attach(server)`` (in-process transports only) may take
+  ``server._caller_hook()``: ``None``, or a function a blocking caller's thread
+  may call after queueing its request while the server sleeps; it runs that
+  batch on the caller's thread and returns True, or returns False (then wake
+  the server).
 """
 from __future__ import annotations
 

@@ -71,6 +71,7 @@ class ThreadingTransport(InferenceTransport):
         self.max_pending = max_pending
         self.block_when_full = block_when_full
         self._room = threading.Semaphore(max_pending) if max_pending else None
+        self._serve_in_caller = None  # the server's hook: run an idle server's batch on the caller's thread
 
     # -- actor side ------------------------------------------------------------
     def submit(self, td: TensorDictBase) -> Future:
@@ -78,7 +79,8 @@ class ThreadingTransport(InferenceTransport):
         self._put(td, fut, None)
         return fut
 
-    def _put(self, td, callback, deadline) -> None:
+    def _put(self, td, callback, deadline, may_serve: bool = False) -> None:
+        """Queue one request; ``may_serve``: the caller would rather run an idle server's batch itself."""
         if not isinstance(td, TensorDictBase):
             raise RequestError(f"request must be a TensorDict, got {type(td).__name__}")
         if self._closed:
@@ -97,6 +99,9 @@ class ThreadingTransport(InferenceTransport):
                     self._room.release()
                 raise ServerClosedError("the inference server is shut down")
         if self._sleeping:
+            serve = self._serve_in_caller
+            if may_serve and serve is not None and serve():
+                return
             self._wake()
 
     def _take_room(self, deadline) -> None:
@@ -118,6 +123,11 @@ class ThreadingTransport(InferenceTransport):
 
     def client(self) -> "ThreadingClient":
         return ThreadingClient(self)
+
+    def _attach(self, server) -> None:
+        super()._attach(server)
+        hook = getattr(server, "_caller_hook", None)
+        self._serve_in_caller = hook() if hook is not None else None
 
     # -- server side -----------------------------------------------------------
     def _wake(self) -> None:
@@ -211,7 +221,9 @@ class ThreadingClient(InferenceClient):
                 raise ValueError(f"timeout must be >= 0 seconds or None, got {timeout}")
             deadline = time.monotonic() + timeout
             step = min(timeout, LIVENESS_PERIOD_S)
-        tr._put(td, w, deadline)
+        # With no timeout the caller may run an idle server's batch itself: it would
+        # wait just as long for the server (a timeout could not interrupt a forward).
+        tr._put(td, w, deadline, timeout is None)
         try:
             if not w.lock.acquire(timeout=step):
                 self._slow_wait(w, deadline, timeout)
