@@ -7,7 +7,7 @@ import pytest
 import torch
 from tensordict import TensorDict
 
-from rlserve import InferenceServer, NoWeightSyncScheme, ThreadingTransport
+from rlserve import InferenceServer, NoWeightSyncScheme, ServerClosedError, ServerDeadError, ThreadingTransport
 
 
 class Probe:
@@ -225,3 +225,109 @@ def test_shutdown_waits_for_a_batch_running_on_a_caller_thread():
     assert torch.equal(result["out"]["action"], torch.full((3,), 2.0))
     assert probe.runs[0][0] == result["ident"]
     assert probe.events == ["forward done", "receiver closed"]
+
+
+class DiesOnNegative:
+    """Doubles the observation; a negative one raises SystemExit (not an Exception: it stops the server)."""
+
+    def __call__(self, td):
+        if (td["observation"] < 0).any():
+            raise SystemExit("the model asked the server to stop")
+        out = td.clone()
+        out["action"] = td["observation"] * 2
+        return out
+
+
+@pytest.mark.parametrize("run_in_caller", [True, False])
+def test_a_model_raising_systemexit_stops_the_server_wherever_the_batch_ran(run_in_caller):
+    # The same contract on both paths: the batch is answered, then the server is dead;
+    # and the caller's thread can use the same client with a new server afterwards.
+    transport = ThreadingTransport()
+    client = transport.client()
+    server = InferenceServer(DiesOnNegative(), transport, run_in_caller=run_in_caller).start()
+    try:
+        _wait_asleep(transport)
+        assert torch.equal(client(TensorDict(observation=torch.ones(3)))["action"], torch.full((3,), 2.0))
+        _wait_asleep(transport)
+        with pytest.raises(SystemExit):
+            client(TensorDict(observation=-torch.ones(3)))
+        with pytest.raises(ServerDeadError, match="died"):
+            client(TensorDict(observation=torch.ones(3)), timeout=5)
+    finally:
+        server.shutdown()
+    with InferenceServer(DiesOnNegative(), transport, run_in_caller=run_in_caller):
+        for i in range(3):
+            _wait_asleep(transport)
+            x = torch.full((3,), float(i))
+            assert torch.equal(client(TensorDict(observation=x))["action"], 2 * x)
+
+
+class MakesZeros:
+    """Adds ``torch.zeros``: a tensor factory, so the calling thread's default device matters."""
+
+    def __init__(self):
+        self.threads = []
+
+    def __call__(self, td):
+        self.threads.append(threading.get_ident())
+        out = td.clone()
+        out["action"] = td["observation"] * 2 + torch.zeros(td["observation"].shape)
+        return out
+
+
+def test_a_caller_in_a_torch_function_mode_goes_to_the_server_thread():
+    # torch.device(...) as a context (and set_default_device) is a thread-local mode: on the
+    # caller's thread it would move the model's new tensors (here to "meta").
+    model = MakesZeros()
+    transport = ThreadingTransport()
+    with InferenceServer(model, transport) as server:
+        client = transport.client()
+        for i in range(3):
+            _wait_asleep(transport)
+            x = torch.full((3,), float(i))
+            td = TensorDict(observation=x)
+            with torch.device("meta"):
+                out = client(td)
+            assert out["action"].device.type == "cpu"
+            assert torch.equal(out["action"], 2 * x)
+        server_thread = server._thread.ident
+    assert model.threads == [server_thread] * 3
+
+
+def test_shutdown_from_inside_a_caller_run_batch_does_not_stall():
+    # E.g. a done-callback or the model itself stops the server. On the server thread
+    # shutdown skips waiting for itself; a caller-run batch must do the same, or it waits
+    # (its whole timeout) for a server thread that waits for this batch's lock.
+    transport = ThreadingTransport()
+    state = {}
+
+    def model(td):
+        if "late" not in state:
+            state["late"] = transport.submit(TensorDict(observation=torch.full((1, 3), 5.0)))
+            end = time.monotonic() + 2
+            while transport._q and time.monotonic() < end:  # the woken server took it...
+                time.sleep(0.001)
+            time.sleep(0.05)  # ...and now waits for this batch's lock
+            t0 = time.monotonic()
+            server.shutdown(timeout=3)
+            state["shutdown_s"] = time.monotonic() - t0
+        out = td.clone()
+        out["action"] = td["observation"] * 2
+        return out
+
+    server = InferenceServer(model, transport).start()
+    try:
+        _wait_asleep(transport)
+        out = transport.client()(TensorDict(observation=torch.ones(3)))
+        assert torch.equal(out["action"], torch.full((3,), 2.0))
+        assert state["shutdown_s"] < 1.0
+        # the request the server thread had taken is still answered (or, in the rare case the
+        # server woke on its own and never took it, refused as queued at shutdown): no hang
+        try:
+            late = state["late"].result(5)
+        except ServerClosedError:
+            pass
+        else:
+            assert torch.equal(late["action"], torch.full((1, 3), 10.0))
+    finally:
+        server.shutdown()

@@ -29,6 +29,8 @@ log = logging.getLogger("rlserve")
 _perf = time.perf_counter
 _IDLE_WAIT_S = 0.05  # how long an idle loop sleeps before re-checking for shutdown
 _autocast_on = getattr(torch._C, "_is_any_autocast_enabled", torch.is_autocast_enabled)
+_modes_on = getattr(torch._C, "_is_torch_function_mode_enabled", lambda: False)  # torch.device(...), set_default_device
+_dispatch_modes_on = getattr(torch._C, "_len_torch_dispatch_stack", lambda: 0)
 
 
 class InferenceServer:
@@ -37,7 +39,7 @@ class InferenceServer:
     Args:
         model: any callable from a batched TensorDict to a batched TensorDict
             (typically a ``TensorDictModule``). It runs under ``torch.no_grad``
-            on the server thread.
+            on the server thread (or, see ``run_in_caller``, on a blocked caller's).
         transport: an :class:`~rlserve.InferenceTransport`.
         max_batch_size: most requests per forward pass.
         min_batch_size: run a batch once this many requests are pending...
@@ -65,7 +67,8 @@ class InferenceServer:
             (in-process transports that offer it, ``min_batch_size=1`` only).
             Batches still never overlap, and weights still change only
             between batches. Set ``False`` if the model must only ever run on
-            the server thread (thread-local state such as CUDA graphs).
+            the server thread (thread-local state such as CUDA graphs, or
+            actors that switch CUDA device or stream: those are not reset).
     """
 
     def __init__(
@@ -148,14 +151,14 @@ class InferenceServer:
         wake = getattr(self.transport, "_wake", None)
         if wake is not None:
             wake()
-        if threading.current_thread() is not self._thread:
+        # Called from inside a batch (the model, a done-callback), on the server thread or on a
+        # caller running it: nothing to wait for; the server thread may itself wait for this batch.
+        if threading.current_thread() is not self._thread and self._inline_ident != threading.get_ident():
             self._thread.join(timeout)
             if self._thread.is_alive():
                 log.warning("%s: serving thread still busy after %s s (a slow forward?)", self.name, timeout)
             # a batch a caller thread is running: let it finish before the weights' receiver closes
-            if self._inline_ident != threading.get_ident() and self._serve_lock.acquire(
-                timeout=-1 if timeout is None else timeout
-            ):
+            if self._serve_lock.acquire(timeout=-1 if timeout is None else timeout):
                 self._serve_lock.release()
         closer = getattr(self.weight_sync, "_close_receiver", None)
         if closer is not None:
@@ -230,7 +233,7 @@ class InferenceServer:
         return int(version)
 
     def _apply_weight_updates(self, from_scheme: bool = True) -> None:
-        """Serving thread, between batches: apply the newest weights from update_weights / weight_sync."""
+        """Under the serve lock, between batches: apply the newest weights from update_weights / weight_sync."""
         if self._pending_weights is not None:
             from .weight_sync import copy_weights_
 
@@ -327,8 +330,10 @@ class InferenceServer:
         """
         if self._last_batch > 1:
             return False  # actors are queueing up: the server forms fuller batches
-        if torch.is_inference_mode_enabled() or _autocast_on():
-            return False  # the caller's thread-local modes would leak into the forward
+        if torch.is_inference_mode_enabled() or _autocast_on() or _modes_on() or _dispatch_modes_on():
+            # the caller's thread-local modes (inference mode, autocast, torch.device(...) as a
+            # context or set_default_device, dispatch modes) would leak into the forward
+            return False
         lock = self._serve_lock
         if not lock.acquire(False):
             return False  # a batch is running: the server (once woken) takes this one next
@@ -347,9 +352,16 @@ class InferenceServer:
             except Exception:
                 log.exception("%s: applying new weights failed on a caller thread", self.name)
                 return False  # the server thread meets the failure too, and handles it as always
-            ins, cbs, ts = self.transport.drain_timed(self.batching.max_batch_size)
-            if ins:  # else the server, awake after all, took them
-                self._process(ins, cbs, ts)
+            try:
+                ins, cbs, ts = self.transport.drain_timed(self.batching.max_batch_size)
+                if ins:  # else the server, awake after all, took them
+                    self._process(ins, cbs, ts)
+            except BaseException as e:
+                # As on the server thread (e.g. the model raised SystemExit; the batch is
+                # answered): the server dies and the caller sees the exception. Callers whose
+                # answer it cut off (Ctrl-C mid-delivery) then get ServerDeadError, not a hang.
+                self._die_from_caller(e)
+                raise
             return True
         finally:
             torch.set_grad_enabled(grad)
@@ -357,6 +369,16 @@ class InferenceServer:
                 torch.set_num_threads(old_nt)
             self._inline_ident = None
             lock.release()
+
+    def _die_from_caller(self, e: BaseException) -> None:
+        """A caller-run batch broke the way that kills the serving loop: stop the loop the same way."""
+        log.exception("%s: serving loop died (in a batch run on a caller thread)", self.name)
+        self._died = e
+        self._serving = False  # refuse new calls now; the loop's exit fails whatever is still queued
+        self._stop = True
+        wake = getattr(self.transport, "_wake", None)
+        if wake is not None:
+            wake()
 
     def _fail(self, cbs, exc) -> None:
         for cb in cbs:

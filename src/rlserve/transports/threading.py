@@ -221,10 +221,12 @@ class ThreadingClient(InferenceClient):
                 raise ValueError(f"timeout must be >= 0 seconds or None, got {timeout}")
             deadline = time.monotonic() + timeout
             step = min(timeout, LIVENESS_PERIOD_S)
-        # With no timeout the caller may run an idle server's batch itself: it would
-        # wait just as long for the server (a timeout could not interrupt a forward).
-        tr._put(td, w, deadline, timeout is None)
         try:
+            # With no timeout the caller may run an idle server's batch itself: it would
+            # wait just as long for the server (a timeout could not interrupt a forward).
+            # That batch may raise here (e.g. SystemExit from the model) after answering
+            # this very mailbox, hence inside the try.
+            tr._put(td, w, deadline, timeout is None)
             if not w.lock.acquire(timeout=step):
                 self._slow_wait(w, deadline, timeout)
         except BaseException:
