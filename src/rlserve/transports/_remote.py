@@ -10,7 +10,10 @@
   error reaches the one caller that caused it with its own type, and the
   remote engine never sees an exception it might treat as an actor failure;
 * :class:`WaiterQueueTransport`: the in-actor queue between request threads
-  (Ray threaded actor) and the :class:`~rlserve.InferenceServer` thread.
+  (Ray threaded actor) and the :class:`~rlserve.InferenceServer` thread;
+* :class:`HostedServerMixin`: what RayTransport and MonarchTransport share as
+  transports whose server runs either in the driver or, given a
+  ``policy_factory``, in an actor of their own.
 """
 from __future__ import annotations
 
@@ -26,7 +29,8 @@ from ..errors import RequestError, ServerClosedError
 from ..transport import LIVENESS_PERIOD_S
 from .threading import ThreadingTransport, _Waiter
 
-__all__ = ["encode_td", "decode_td", "encode_rows", "reply_error", "unwrap_reply", "WaiterQueueTransport"]
+__all__ = ["encode_td", "decode_td", "encode_rows", "reply_error", "unwrap_reply", "WaiterQueueTransport",
+           "HostedServerMixin"]
 
 log = logging.getLogger("rlserve")
 
@@ -201,3 +205,34 @@ class WaiterQueueTransport(ThreadingTransport):
 
     def resolve_exception(self, callback, exc: BaseException) -> None:
         callback.set_result(reply_error(exc))
+
+
+class HostedServerMixin:
+    """Server in the driver, or (``policy_factory``) in an actor the transport owns.
+
+    For a transport class that sets ``_engine`` (``"Ray"``, ``"Monarch"``: its
+    name is ``<engine>Transport``) and ``_hosted`` in ``__init__``, and has a
+    ``shutdown()``; list it before the transport base so ``_attach`` reaches it.
+    """
+
+    _engine = ""
+    _hosted = False
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.shutdown()
+
+    def _need_hosted(self, what):
+        if not self._hosted:
+            raise RuntimeError(
+                f"{what}() is for a server hosted in a {self._engine} actor; use the InferenceServer in the driver")
+
+    def _attach(self, server) -> None:
+        if self._hosted:  # clients call the actor, so a server here would get no requests
+            raise RuntimeError(
+                f"this {self._engine}Transport already runs its own InferenceServer in a {self._engine} actor "
+                "(policy_factory); do not wrap it in another InferenceServer"
+            )
+        super()._attach(server)

@@ -27,7 +27,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 from ..errors import RequestError, ServerDeadError
 from ..transport import InferenceClient
-from ._remote import decode_td, encode_replies, encode_rows, encode_td, reply_error, unwrap_reply
+from ._remote import HostedServerMixin, decode_td, encode_replies, encode_rows, encode_td, reply_error, unwrap_reply
 from .threading import ThreadingTransport
 
 __all__ = ["MonarchTransport", "MonarchClient"]
@@ -234,7 +234,7 @@ def _keep_driver_alive(ma) -> None:
     ma.unhandled_fault_hook = hook
 
 
-class MonarchTransport(PortQueueTransport):
+class MonarchTransport(HostedServerMixin, PortQueueTransport):
     """Serve Monarch actors; the server runs in the driver or in a Monarch actor.
 
     Args:
@@ -250,6 +250,8 @@ class MonarchTransport(PortQueueTransport):
 
     Needs torchmonarch (``pip install 'rlserve[monarch]'``), tested with 0.7.0.
     """
+
+    _engine = "Monarch"
 
     def __init__(self, policy_factory=None, *, server_kwargs: dict | None = None, procs=None,
                  keep_driver_alive: bool = True):
@@ -322,24 +324,6 @@ class MonarchTransport(PortQueueTransport):
                 procs.stop().get(timeout=timeout)
             except Exception as e:
                 log.warning("rlserve: stopping the Monarch server process failed: %r", e)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.shutdown()
-
-    def _need_hosted(self, what):
-        if not self._hosted:
-            raise RuntimeError(f"{what}() is for a server hosted in a Monarch actor; use the InferenceServer in the driver")
-
-    def _attach(self, server) -> None:
-        if self._hosted:
-            raise RuntimeError(
-                "this MonarchTransport already runs its own InferenceServer in a Monarch actor (policy_factory); "
-                "do not wrap it in another InferenceServer"
-            )
-        super()._attach(server)
 
     def __reduce__(self):
         raise TypeError("MonarchTransport stays in the driver; pass transport.client() to actors instead")

@@ -14,14 +14,12 @@ Two ways to host the server (see docs/ray.md for why):
   whole batch. A client still makes one Ray call per request.
 
 Clients (:class:`RayClient`) are small picklable objects holding the actor
-handle; pass them to Ray tasks and actors.
+handle; pass them to Ray tasks and actors. This module is the driver and
+caller side (transport, client); the bodies of the two actors are in
+:mod:`rlserve.transports._ray_server`.
 """
 from __future__ import annotations
 
-import asyncio
-import itertools
-import logging
-import os
 import threading
 import time
 from collections import deque
@@ -29,13 +27,12 @@ from concurrent.futures import Future
 
 from ..errors import ServerClosedError, ServerDeadError
 from ..transport import InferenceClient, InferenceTransport
-from ._remote import WaiterQueueTransport, decode_td, encode_replies, encode_rows, encode_td, reply_error, unwrap_reply
+from ._ray_server import _EXITED_ON_PURPOSE, _HEARTBEAT_S, _GatewayImpl, _server_actor_class
+from ._remote import HostedServerMixin, decode_td, encode_replies, encode_rows, encode_td, reply_error, unwrap_reply
 
 __all__ = ["RayTransport", "RayClient"]
 
-log = logging.getLogger("rlserve")
 _perf = time.perf_counter
-_HEARTBEAT_S = 0.5
 
 
 def _ray():
@@ -99,7 +96,7 @@ def _translate(e: BaseException, what: str) -> BaseException:
     import ray
 
     if isinstance(e, (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)):
-        if _EXITED_ON_PURPOSE in str(e):  # RayTransport.shutdown() ended it (see _exit)
+        if _EXITED_ON_PURPOSE in str(e):  # RayTransport.shutdown() ended it (see _exit_actor)
             err = ServerClosedError(f"the inference server was shut down (its Ray {what} actor has exited)")
             err.__cause__ = e
             return err
@@ -107,183 +104,12 @@ def _translate(e: BaseException, what: str) -> BaseException:
     return e
 
 
-# Ray's text for an actor that ended itself with exit_actor(), as shutdown() does; an actor
-# ended by ray.kill or a crash is a dead server instead.
-_EXITED_ON_PURPOSE = "exit_actor() is called"
-
-
-def _exit_actor() -> None:
-    import ray
-
-    ray.actor.exit_actor()
-
-
-# -- server hosted in a Ray actor ---------------------------------------------------
-class _ServerActorImpl:
-    """Body of the server actor: policy from a factory, InferenceServer on an in-actor queue.
-
-    A *threaded* actor: each ``infer`` call runs in one of Ray's request
-    threads, enqueues and blocks until its row is ready. Measured against an
-    async actor awaiting a future per request, this costs about a quarter
-    less server CPU per request (one thread hop each way, no event loop to
-    wake). Control calls run in their own small concurrency group, so they
-    are never stuck behind a full pool of waiting ``infer`` calls.
-    """
-
-    def __init__(self, policy_factory, server_kwargs):
-        from ..server import InferenceServer
-
-        self._transport = WaiterQueueTransport()
-        self._server = InferenceServer(policy_factory(), self._transport, **server_kwargs)
-        self._server.start()
-
-    def infer(self, payload):
-        return self._transport.call(payload)
-
-    def ready(self) -> bool:
-        return True
-
-    def pid(self) -> int:
-        return os.getpid()
-
-    def stats(self) -> dict:
-        return self._server.stats()
-
-    def update_weights(self, boxed, version=None) -> int:
-        # boxed: [ObjectRef or weights], so Ray resolves nothing on our behalf
-        import ray
-
-        w = boxed[0]
-        if isinstance(w, ray.ObjectRef):
-            w = ray.get(w, timeout=60)
-        return self._server.update_weights(w, version)
-
-    def shutdown(self) -> None:
-        self._server.shutdown()
-
-    def exit(self) -> None:
-        _exit_actor()
-
-
-_CONTROL_GROUP = "rlserve_control"
-
-
-def _server_actor_class(ray, groups: dict):
-    """The Ray actor class, control methods placed in their own concurrency group."""
-    for name in ("ready", "pid", "stats", "update_weights", "shutdown", "exit"):
-        ray.method(concurrency_group=_CONTROL_GROUP)(getattr(_ServerActorImpl, name))
-    return ray.remote(concurrency_groups={**groups, _CONTROL_GROUP: 2})(_ServerActorImpl)
-
-
-# -- gateway for a server hosted in the driver ----------------------------------------
-class _GatewayImpl:
-    """Holds callers' pending requests until the driver's server takes them."""
-
-    def __init__(self, dead_after: float):
-        self._pending: deque = deque()  # (rid, payload, monotonic arrival)
-        self._futs: dict = {}
-        self._ids = itertools.count()
-        self._event = None
-        self._state = "closed"
-        self._reason = "the inference server is not started; call server.start() first"
-        self._last_beat = time.monotonic()
-        self._dead_after = dead_after
-        self._stalled = False  # "dead" only because heartbeats stopped (the driver may resume)
-        self._watchdog = None
-
-    def _ev(self) -> asyncio.Event:
-        if self._event is None:
-            self._event = asyncio.Event()
-        return self._event
-
-    async def infer(self, payload):
-        if self._state != "serving":
-            return reply_error(self._error())
-        rid = next(self._ids)
-        fut = asyncio.get_running_loop().create_future()
-        self._futs[rid] = fut
-        self._pending.append((rid, payload, time.monotonic()))
-        self._ev().set()
-        try:
-            return await fut
-        finally:
-            self._futs.pop(rid, None)
-
-    async def take(self, max_items: int, wait_s: float):
-        self._beat_seen()
-        # Wait even when not serving: the driver's loop must not spin on empty answers.
-        if not self._pending:
-            ev = self._ev()
-            ev.clear()
-            try:
-                await asyncio.wait_for(ev.wait(), wait_s)
-            except asyncio.TimeoutError:
-                pass
-        now = time.monotonic()
-        out = []
-        pend = self._pending
-        while pend and len(out) < max_items:
-            rid, payload, t = pend.popleft()
-            if rid in self._futs:  # skip callers that already gave up
-                out.append((rid, payload, now - t))
-        return out
-
-    async def answer(self, rids, replies) -> None:
-        futs = self._futs
-        for rid, r in zip(rids, replies):
-            f = futs.get(rid)
-            if f is not None and not f.done():
-                f.set_result(r)
-
-    async def set_state(self, state: str, reason: str = "") -> None:
-        self._state, self._stalled = state, False
-        self._last_beat = time.monotonic()
-        if state != "serving":
-            self._reason = reason
-            self._fail_all()
-        elif self._watchdog is None:
-            self._watchdog = asyncio.get_running_loop().create_task(self._watch())
-
-    async def heartbeat(self, alive: bool, reason: str = "") -> None:
-        self._beat_seen()
-        if not alive and self._state == "serving":
-            await self.set_state("dead", reason)
-
-    def _beat_seen(self) -> None:
-        """The driver is alive: undo a death the watchdog declared only for missed heartbeats."""
-        self._last_beat = time.monotonic()
-        if self._stalled and self._state == "dead":
-            self._state, self._stalled = "serving", False
-            log.warning("rlserve: the driver hosting the inference server is responsive again; serving")
-
-    async def exit(self) -> None:
-        _exit_actor()
-
-    def _error(self):
-        return (ServerDeadError if self._state == "dead" else ServerClosedError)(self._reason)
-
-    def _fail_all(self) -> None:
-        self._pending.clear()
-        r = reply_error(self._error())
-        for f in list(self._futs.values()):
-            if not f.done():
-                f.set_result(r)
-
-    async def _watch(self) -> None:
-        while True:
-            await asyncio.sleep(_HEARTBEAT_S)
-            if self._state == "serving" and time.monotonic() - self._last_beat > self._dead_after:
-                self._state, self._stalled = "dead", True
-                self._reason = f"the driver hosting the inference server sent no heartbeat for {self._dead_after} s"
-                self._fail_all()
-
-
 # -- the transport ----------------------------------------------------------------------
-class RayTransport(InferenceTransport):
+class RayTransport(HostedServerMixin, InferenceTransport):
     """Serve Ray actors and tasks; the server runs in the driver or in a Ray actor.
 
     Args:
-        policy_factory: when given, the server runs inside a new async Ray
+        policy_factory: when given, the server runs inside a new threaded Ray
             actor: ``policy_factory()`` builds the policy there and an
             :class:`~rlserve.InferenceServer` serves it. Without it, use the
             transport with an ``InferenceServer`` in the driver as usual.
@@ -304,6 +130,7 @@ class RayTransport(InferenceTransport):
     """
 
     wants_rows = False
+    _engine = "Ray"
 
     def __init__(
         self,
@@ -385,25 +212,7 @@ class RayTransport(InferenceTransport):
             ray.kill(self._handle)
         self._handle = None
 
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.shutdown()
-
-    def _need_hosted(self, what):
-        if not self._hosted:
-            raise RuntimeError(f"{what}() is for a server hosted in a Ray actor; use the InferenceServer in the driver")
-
     # -- driver-hosted mode: the InferenceTransport side ----------------------------------
-    def _attach(self, server) -> None:
-        if self._hosted:
-            raise RuntimeError(
-                "this RayTransport already runs its own InferenceServer in a Ray actor (policy_factory); "
-                "do not wrap it in another InferenceServer"
-            )
-        super()._attach(server)
-
     def _reopen(self) -> None:
         _ray().get(self._handle.set_state.remote("serving"), timeout=30)
         self._closed_flag = False
