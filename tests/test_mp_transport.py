@@ -357,3 +357,39 @@ def test_threads_sharing_one_client_each_get_their_own_answers():
         for t in ts:
             t.join(60)
         assert not any(t.is_alive() for t in ts) and errors == [], errors
+
+
+def test_spin_wait_answers_correctly_and_stops_when_idle():
+    with pytest.raises(ValueError, match="spin_us"):
+        MPTransport(spin_us=-1)
+    policy = seed_policy()
+    tr = MPTransport(spin_us=100_000)  # 0.1 s: long enough to show in CPU time if it never ended
+    with InferenceServer(policy, tr, max_batch_size=8):
+        client = tr.client()
+        for _ in range(50):
+            td = TensorDict(observation=torch.randn(8))
+            out = client(td)
+            with torch.no_grad():
+                torch.testing.assert_close(out["action"], policy(td.clone())["action"])
+        assert tr.usage()["spin_hits"] > 0  # the next request came while it polled
+        time.sleep(0.2)  # the spin window after the last answer has passed
+        cpu0, wall0 = time.process_time(), time.monotonic()
+        time.sleep(1.0)
+        idle_cpu = time.process_time() - cpu0
+    assert idle_cpu < 0.3, f"an idle server kept spinning: {idle_cpu:.2f} s CPU in {time.monotonic() - wall0:.2f} s"
+
+
+def test_no_spin_by_default_in_process_but_in_a_process_server():
+    from rlserve import ProcessServer
+
+    tr = MPTransport()
+    with InferenceServer(seed_policy(), tr, max_batch_size=8):
+        client = tr.client()
+        for _ in range(20):
+            client(TensorDict(observation=torch.randn(8)))
+        assert tr.usage()["spin_hits"] == 0  # shares its process (and GIL) with other work
+    with ProcessServer(seed_policy, max_batch_size=8) as ps:
+        client = ps.client()
+        for _ in range(100):
+            client(TensorDict(observation=torch.randn(8)))
+        assert ps.stats()["transport"]["spin_hits"] > 0  # a process of its own spins a little

@@ -28,6 +28,7 @@ def _serve(factory, transport, server_kwargs, conn, parent_pid) -> None:
 
     try:
         torch.set_num_threads(server_kwargs.get("num_threads") or 1)
+        transport._auto_spin_us = 100.0  # this process does nothing else: spinning a little is cheap
         server = InferenceServer(factory(), transport, **server_kwargs).start()
     except BaseException as e:
         conn.send(("error", repr(e)))

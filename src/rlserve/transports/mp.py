@@ -51,6 +51,12 @@ class MPTransport(InferenceTransport):
             the server is alive); ``False`` raises QueueFullError at once.
         learn_layout: learn missing layouts from traffic (else pickle all
             requests/answers without a declared layout).
+        spin_us: after answering, the server keeps polling its socket this
+            many microseconds (yielding the CPU between polls) before it
+            sleeps, so a request that follows soon needs no wake-up (~30 us
+            per round trip on a VM). ``None``: 100 in a :class:`ProcessServer`
+            (a process of its own), 0 where the server shares its process
+            (and GIL) with other work such as a trainer.
     """
 
     wants_rows = False  # answers are written into the bank batch-wise
@@ -65,6 +71,7 @@ class MPTransport(InferenceTransport):
         max_inflight: int = 4,
         block_when_full: bool = True,
         learn_layout: bool = True,
+        spin_us: float | None = None,
     ):
         if max_clients < 1 or max_inflight < 1:
             raise ValueError("max_clients and max_inflight must be >= 1")
@@ -75,6 +82,10 @@ class MPTransport(InferenceTransport):
         self.max_inflight = int(max_inflight)
         self.block_when_full = bool(block_when_full)
         self.learn_layout = bool(learn_layout)
+        if spin_us is not None and spin_us < 0:
+            raise ValueError(f"spin_us must be >= 0 or None, got {spin_us}")
+        self.spin_us = spin_us
+        self._auto_spin_us = 0.0  # ProcessServer raises it in its own process
         self._side = None  # server half, only in the serving process
 
     @staticmethod
