@@ -1,4 +1,4 @@
-"""Actor threads against ThreadingTransport, next to direct calls and the batched limit.
+"""Actor threads against ThreadingTransport, next to direct calls, the wake-up floor and the batched limit.
 
 Also runs torchrl's ThreadingTransport server when torchrl is importable.
 """
@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import threading
 import time
+from collections import deque
+from concurrent.futures import Future
 
 import torch
 from tensordict import TensorDict
@@ -59,6 +62,44 @@ def bench_direct(n: int, seconds: float) -> dict:
     return r
 
 
+def bench_wake_floor(n: int, seconds: float) -> dict:
+    """The hand-over floor: a server thread answering Futures with no tensor work at all.
+
+    What the issue calls "waking a waiting thread through a Future": every
+    threaded server pays this per request, whatever it computes.
+    """
+    q: deque = deque()
+    cond = threading.Condition()
+    stop = False
+
+    def serve():
+        while not stop:
+            with cond:
+                while not q and not stop:
+                    cond.wait(0.05)
+            while q:
+                td, fut = q.popleft()
+                fut.set_result(td)
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+
+    def call(td):
+        fut = Future()
+        q.append((td, fut))
+        with cond:
+            cond.notify()
+        return fut.result()
+
+    try:
+        r = run_actor_threads(call, n, seconds)
+    finally:
+        stop = True
+        t.join(5)
+    r["batch"] = float("nan")
+    return r
+
+
 def bench_batched_limit(seconds: float, max_batch: int) -> dict:
     """One thread running the policy on pre-stacked batches: rows/s ceiling."""
     policy = seed_policy()
@@ -97,6 +138,7 @@ def main(argv=None) -> list[dict]:
                 ("rlserve", lambda: bench_rlserve(n, a.seconds, a.max_batch)),
                 ("torchrl", lambda: bench_torchrl(n, a.seconds, a.max_batch)),
                 ("direct", lambda: bench_direct(n, a.seconds)),
+                ("wake-floor", lambda: bench_wake_floor(n, a.seconds)),
             ):
                 r = fn()
                 if r is not None:
@@ -119,6 +161,7 @@ def main(argv=None) -> list[dict]:
     for n in a.actors:
         if ("torchrl", n) in med:
             print(f"rlserve / torchrl at {n} actors: {med[('rlserve', n)] / med[('torchrl', n)]:.2f}x")
+        print(f"rlserve / wake-floor at {n} actors: {med[('rlserve', n)] / med[('wake-floor', n)]:.2f}x")
     return rows
 
 
