@@ -149,3 +149,35 @@ def test_device_and_output_device(policy):
     with InferenceServer(policy, transport, device="cpu", output_device="cpu"):
         out = transport.client()(TensorDict(observation=torch.randn(8)))
     assert out["action"].device.type == "cpu"
+
+
+def test_server_lets_answered_threads_resubmit_before_the_next_forward(policy, monkeypatch):
+    """After answering N actor threads the server waits (bounded) for their next requests."""
+    import time
+
+    import rlserve.server as S
+
+    monkeypatch.setattr(S, "_RETURN_SLICE_S", 0.1)
+    monkeypatch.setattr(S, "_RETURN_PER_CALLER_S", 0.5)  # cap: 1.5 s for 3 callers
+    transport = ThreadingTransport()
+    server = InferenceServer(policy, transport)  # not started: the step is called directly
+
+    def feed(k):
+        for _ in range(k):
+            time.sleep(0.02)
+            transport._put(TensorDict(observation=torch.randn(8)), concurrent.futures.Future(), None)
+
+    def step(k_back):
+        t = threading.Thread(target=feed, args=(k_back,))
+        t0 = time.monotonic()
+        t.start()
+        server._let_callers_return(transport._wait_for_count, transport._pending, 3)
+        waited, queued = time.monotonic() - t0, transport._pending()
+        t.join(5)
+        transport.drain(10)
+        return waited, queued
+
+    waited, queued = step(3)  # all three come back: it waits for them, no longer
+    assert queued == 3 and waited < 1.0
+    waited, queued = step(1)  # one of three: it stops after a slice with no newcomer, not at the cap
+    assert queued == 1 and 0.15 < waited < 1.0

@@ -28,6 +28,10 @@ __all__ = ["InferenceServer"]
 log = logging.getLogger("rlserve")
 _perf = time.perf_counter
 _IDLE_WAIT_S = 0.05  # how long an idle loop sleeps before re-checking for shutdown
+# _let_callers_return: wait in slices of this long, at most this long per caller answered
+# (about what one actor thread needs to resubmit on this class of machine, GIL included)
+_RETURN_SLICE_S = 0.0002
+_RETURN_PER_CALLER_S = 0.00005
 _autocast_on = getattr(torch._C, "_is_any_autocast_enabled", torch.is_autocast_enabled)
 _modes_on = getattr(torch._C, "_is_torch_function_mode_enabled", lambda: False)  # torch.device(...), set_default_device
 _dispatch_modes_on = getattr(torch._C, "_len_torch_dispatch_stack", lambda: 0)
@@ -263,6 +267,8 @@ class InferenceServer:
                 return ins, cbs, [_perf()] * len(ins)
         pending = getattr(tr, "_pending", None)  # in-process transports only (see below)
         serve_lock = self._serve_lock
+        # callers that are threads of this process and resubmit at once (see _let_callers_return)
+        wait_count = getattr(tr, "_wait_for_count", None) if getattr(tr, "_callers_resubmit", False) else None
         ins: list = []
         cbs: list = []
         ts: list = []
@@ -293,11 +299,11 @@ class InferenceServer:
                     batch_ins, batch_cbs, batch_ts = ins, cbs, ts
                     ins, cbs, ts = [], [], []  # _process answers every one of these, whatever happens
                     self._process(batch_ins, batch_cbs, batch_ts)
-                if pending is not None and 0 < pending() < policy.max_batch_size:
-                    # Actor threads of this process are queued but the batch is not full:
-                    # hand the GIL over once so the callers just answered resubmit before
-                    # the next drain (fuller batches). With nobody queued the server blocks
-                    # in wait_for_work anyway, and an extra hand-over would only add latency.
+                if wait_count is not None and self._last_batch > 1:
+                    self._let_callers_return(wait_count, pending, self._last_batch)
+                elif pending is not None and 0 < pending() < policy.max_batch_size:
+                    # Requests are queued but the batch is not full: hand the GIL over once
+                    # so request threads about to enqueue do so before the next drain.
                     time.sleep(0)
         except BaseException as e:  # the loop itself broke: never leave callers waiting
             self._died = e
@@ -313,6 +319,28 @@ class InferenceServer:
                 exc = ServerClosedError("the inference server shut down before running this request")
             self._fail(cbs, exc)
             self._fail_queued(exc)
+
+    def _let_callers_return(self, wait_count, pending, answered: int) -> None:
+        """Give the actor threads just answered the GIL to resubmit before the next forward.
+
+        Their next requests join the next batch (fuller batches), and the
+        forward then runs while they wait instead of handing the GIL to them
+        at every torch op. Waits in slices while they keep coming back, and
+        stops at the first slice in which none does (slow actors, or fewer
+        actors than answered requests).
+        """
+        have = pending()
+        target = have + answered
+        end = _perf() + answered * _RETURN_PER_CALLER_S
+        while True:
+            left = end - _perf()
+            if left <= 0:
+                return
+            wait_count(target, min(left, _RETURN_SLICE_S))
+            now = pending()
+            if now >= target or now == have or self._stop:
+                return
+            have = now
 
     def _caller_hook(self):
         """What an in-process transport may call from a client thread when the server sleeps."""

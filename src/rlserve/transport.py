@@ -14,6 +14,11 @@ optional hooks the server uses when present:
 * ``_wake()`` so shutdown does not wait for ``wait_for_work`` to time out;
 * ``_pending() -> int`` (in-process transports only): requests waiting to be
   drained, so the server can hand the GIL to actor threads about to resubmit;
+* ``_wait_for_count(n, timeout)`` with the class attribute
+  ``_callers_resubmit = True`` (in-process transports whose callers are
+  actor threads that resubmit at once): sleep until ``n`` requests are
+  queued; after answering a batch the server waits, bounded, for those
+  threads' next requests before its next forward;
 * ``_attach(server)`` (in-process transports only) may take
   ``server._caller_hook()``: ``None``, or a function a blocking caller's thread
   may call after queueing its request while the server sleeps; it runs that

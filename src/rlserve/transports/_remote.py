@@ -160,6 +160,8 @@ class WaiterQueueTransport(ThreadingTransport):
     request than an async actor awaiting futures on its loop).
     """
 
+    _callers_resubmit = False  # answers go to remote callers: none resubmits from this process
+
     wants_rows = False
 
     def __init__(self):

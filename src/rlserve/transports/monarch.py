@@ -123,6 +123,8 @@ class PortQueueTransport(ThreadingTransport):
     this saves a loop wake-up and a coroutine per request.
     """
 
+    _callers_resubmit = False  # answers go to remote callers: none resubmits from this process
+
     wants_rows = False
 
     def accept(self, port, payload) -> None:

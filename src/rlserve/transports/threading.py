@@ -60,6 +60,10 @@ class ThreadingTransport(InferenceTransport):
             ``False`` raises :class:`~rlserve.QueueFullError` at once.
     """
 
+    # Callers are actor threads of this process that resubmit as soon as they are
+    # answered: the server may wait for them before its next forward (fuller batches).
+    _callers_resubmit = True
+
     def __init__(self, max_pending: int | None = None, block_when_full: bool = True):
         if max_pending is not None and max_pending < 1:
             raise ValueError(f"max_pending must be >= 1 or None, got {max_pending}")
@@ -72,6 +76,7 @@ class ThreadingTransport(InferenceTransport):
         self.block_when_full = block_when_full
         self._room = threading.Semaphore(max_pending) if max_pending else None
         self._serve_in_caller = None  # the server's hook: run an idle server's batch on the caller's thread
+        self._wake_at = 1  # a sleeping server wants waking once this many requests are queued
 
     # -- actor side ------------------------------------------------------------
     def submit(self, td: TensorDictBase) -> Future:
@@ -98,7 +103,7 @@ class ThreadingTransport(InferenceTransport):
                 if self._room is not None:
                     self._room.release()
                 raise ServerClosedError("the inference server is shut down")
-        if self._sleeping:
+        if self._sleeping and len(self._q) >= self._wake_at:
             serve = self._serve_in_caller
             if may_serve and serve is not None and serve():
                 return
@@ -147,6 +152,17 @@ class ThreadingTransport(InferenceTransport):
             else:
                 self._signal.acquire(blocking=False)
         self._sleeping = False
+
+    def _wait_for_count(self, n: int, timeout: float) -> None:
+        """Sleep until ``n`` requests are queued, or ``timeout`` seconds pass (server side)."""
+        self._wake_at = n
+        self._sleeping = True
+        try:
+            if len(self._q) < n:  # re-check after raising the flag: no lost wake-up
+                self._signal.acquire(timeout=timeout)
+        finally:
+            self._sleeping = False
+            self._wake_at = 1
 
     def _pending(self) -> int:
         """Requests waiting to be drained (a hint for the server's scheduling)."""
