@@ -112,11 +112,11 @@ def _policy(kind):
     return image_policy() if kind == "image" else seed_policy()
 
 
-def bench_rlserve(n, kind, seconds, max_batch) -> dict:
+def bench_rlserve(n, kind, seconds, max_batch, spin_us=None) -> dict:
     from rlserve import InferenceServer, MPTransport
 
     resp = TensorDict(action=torch.zeros(4)) if kind == "image" else None
-    tr = MPTransport(response_example=resp)
+    tr = MPTransport(response_example=resp, spin_us=spin_us)
     with InferenceServer(_policy(kind), tr, max_batch_size=max_batch) as server:
         r = run_actor_processes([tr.client() for _ in range(n)], kind, seconds)
         r["batch"] = server.stats()["mean_batch_size"]
@@ -177,6 +177,7 @@ def bench_torchrl_slot(n, kind, seconds, max_batch) -> dict | None:
 
 MODES = {
     "rlserve": bench_rlserve,
+    "rlserve-spin": lambda n, kind, seconds, max_batch: bench_rlserve(n, kind, seconds, max_batch, spin_us=100),
     "rlserve-procserver": bench_process_server,
     "direct": bench_direct,
     "torchrl-mp": bench_torchrl_mp,
@@ -187,7 +188,7 @@ MODES = {
 def main(argv=None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--procs", type=int, nargs="+", default=[1, 2, 4, 8])
-    ap.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
+    ap.add_argument("--modes", nargs="+", default=[m for m in MODES if m != "rlserve-spin"], choices=list(MODES))
     ap.add_argument("--image-procs", type=int, default=8, help="processes for the 3x84x84 uint8 run (0: skip)")
     ap.add_argument("--seconds", type=float, default=3.0)
     ap.add_argument("--repeats", type=int, default=3)
