@@ -226,7 +226,7 @@ def main(argv=None) -> list[dict]:
             "p50 us": f"{statistics.median(r['p50_us'] for r in rs):.0f}",
             "p99 us": f"{statistics.median(r['p99_us'] for r in rs):.0f}",
             "batch": f"{statistics.median(r['batch'] for r in rs):.1f}",
-            "pickled": str(max(r.get("pickled", 0) for r in rs)) if mode == "rlserve" else "",
+            "pickled": str(max(r.get("pickled", 0) for r in rs)) if mode in ("rlserve", "rlserve-spin") else "",
             "_req_s": med,
         })
     rows.sort(key=lambda r: (r["obs"] != "vector", r["transport"], r["procs"]))
