@@ -393,3 +393,30 @@ def test_no_spin_by_default_in_process_but_in_a_process_server():
         for _ in range(100):
             client(TensorDict(observation=torch.randn(8)))
         assert ps.stats()["transport"]["spin_hits"] > 0  # a process of its own spins a little
+
+
+@pytest.mark.parametrize("learn_layout", [True, False], ids=["fast-answers", "pickled-answers"])
+def test_spin_window_starts_after_the_answer_whatever_its_path(learn_layout):
+    """The window is measured from the answer, so a forward longer than spin_us still spins after it."""
+    tr = MPTransport(spin_us=50_000, learn_layout=learn_layout)  # 50 ms window
+    with InferenceServer(doubler(sleep=0.1), tr, max_batch_size=8):  # 100 ms forward: longer than the window
+        client = tr.client()
+        for _ in range(4):
+            out = client(TensorDict(observation=torch.ones(8)), timeout=30)
+            assert torch.equal(out["action"], torch.full((8,), 2.0))
+        usage = tr.usage()
+    assert usage["pickled_answers" if not learn_layout else "fast_answers"] > 0  # the path under test
+    assert usage["spin_hits"] > 0, usage  # the next request came within 50 ms of each answer
+
+
+def test_spin_counts_against_the_wait_timeout():
+    """A spin that finds nothing is part of the wait: min_batch_size's timeout is not doubled."""
+    tr = MPTransport(spin_us=5_000_000)  # a window longer than the batching timeout
+    with InferenceServer(doubler(), tr, max_batch_size=8, min_batch_size=2, timeout=0.5):
+        client = tr.client()
+        client(TensorDict(observation=torch.ones(8)), timeout=30)  # registers the client
+        t0 = time.monotonic()
+        out = client(TensorDict(observation=torch.ones(8)), timeout=30)  # alone: runs at the timeout
+        took = time.monotonic() - t0
+    assert torch.equal(out["action"], torch.full((8,), 2.0))
+    assert 0.45 < took < 0.8, f"a lone request waited {took:.2f} s for a 0.5 s batching timeout"

@@ -181,3 +181,56 @@ def test_server_lets_answered_threads_resubmit_before_the_next_forward(policy, m
     assert queued == 3 and waited < 1.0
     waited, queued = step(1)  # one of three: it stops after a slice with no newcomer, not at the cap
     assert queued == 1 and 0.15 < waited < 1.0
+
+
+def test_server_does_not_wait_for_requests_max_pending_cannot_admit(policy, monkeypatch):
+    """With max_pending reached no answered thread can resubmit: no wait, the next forward runs at once."""
+    import time
+
+    import rlserve.server as S
+
+    monkeypatch.setattr(S, "_RETURN_SLICE_S", 0.5)
+    monkeypatch.setattr(S, "_RETURN_PER_CALLER_S", 0.5)
+    transport = ThreadingTransport(max_pending=2)
+    server = InferenceServer(policy, transport)  # not started: the step is called directly
+    for _ in range(2):  # queued while the last batch ran (answering it freed their room)
+        transport._put(TensorDict(observation=torch.randn(8)), concurrent.futures.Future(), None)
+    t0 = time.monotonic()
+    server._let_callers_return(transport._wait_for_count, transport._pending, 2)
+    waited = time.monotonic() - t0
+    transport.drain(10)
+    assert waited < 0.25, f"slept {waited:.2f} s for requests max_pending=2 could never admit"
+
+
+def test_callers_back_before_the_batch_was_fully_answered_count_as_back(policy, monkeypatch):
+    """Requests resubmitted while the batch was being answered (here by done-callbacks) are not waited for twice."""
+    import time
+
+    import rlserve.server as S
+
+    monkeypatch.setattr(S, "_RETURN_SLICE_S", 0.1)
+    monkeypatch.setattr(S, "_RETURN_PER_CALLER_S", 0.5)
+    transport = ThreadingTransport()
+    chains, rounds = 4, 10
+    left = [chains * rounds]
+    done = threading.Event()
+    with InferenceServer(policy, transport, max_batch_size=8) as server:
+        client = transport.client()
+
+        def again(fut):  # runs on the server thread while it answers: resubmits at once
+            fut.result()
+            left[0] -= 1
+            if left[0] == 0:
+                done.set()
+            elif left[0] >= chains:
+                client.submit(TensorDict(observation=torch.randn(8))).add_done_callback(again)
+
+        t0 = time.monotonic()
+        futs = [client.submit(TensorDict(observation=torch.randn(8))) for _ in range(chains)]
+        for f in futs:
+            f.add_done_callback(again)
+        assert done.wait(30)
+        took = time.monotonic() - t0
+        assert server.stats()["mean_batch_size"] > 1  # batches of several answered callers: the wait applies
+    # before the fix every batch idled one 0.1 s slice waiting for callers already back
+    assert took < 0.5, f"{rounds} rounds took {took:.2f} s"

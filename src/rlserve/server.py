@@ -118,6 +118,7 @@ class InferenceServer:
         self._serve_lock = threading.Lock()  # held around every batch and weight update, whichever thread runs it
         self._inline_ident = None  # the caller thread running a batch (see _serve_in_caller)
         self._last_batch = 0  # size of the newest batch: >1 means actors queue up, so no caller-run batches
+        self._answer_mark = -1  # requests queued when the newest batch began to be answered (-1: unknown)
         self._pending_weights = None  # (weights, version) from update_weights()
 
     @property
@@ -298,6 +299,7 @@ class InferenceServer:
                     self._apply_weight_updates()
                     batch_ins, batch_cbs, batch_ts = ins, cbs, ts
                     ins, cbs, ts = [], [], []  # _process answers every one of these, whatever happens
+                    self._answer_mark = -1
                     self._process(batch_ins, batch_cbs, batch_ts)
                 if wait_count is not None and self._last_batch > 1:
                     self._let_callers_return(wait_count, pending, self._last_batch)
@@ -330,7 +332,13 @@ class InferenceServer:
         actors than answered requests).
         """
         have = pending()
-        target = have + answered
+        # Callers answered first may be back already (done-callbacks, a forward of a later group
+        # releasing the GIL): count from the queue as it was when answering began.
+        mark, self._answer_mark = self._answer_mark, -1
+        target = (mark if 0 <= mark <= have else have) + answered
+        cap = getattr(self.transport, "max_pending", None)
+        if cap is not None and target > cap:
+            target = cap  # max_pending admits no more: waiting for them would only idle the server
         end = _perf() + answered * _RETURN_PER_CALLER_S
         while True:
             left = end - _perf()
@@ -494,6 +502,10 @@ class InferenceServer:
         """Answer a batch that ran: the whole batch through resolve_batch, or row by row."""
         tr = self.transport
         self._remember(sig)
+        if self._answer_mark < 0:
+            pending = getattr(tr, "_pending", None)
+            if pending is not None:
+                self._answer_mark = pending()
         resolve_batch = getattr(tr, "resolve_batch", None)
         if resolve_batch is not None and rows is None:
             try:

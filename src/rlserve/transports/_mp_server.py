@@ -143,13 +143,15 @@ class ServerSide:
             # Busy-poll a short while after the last work: the next request of an
             # active client then needs no wake-up (costly on VMs). Yielding lets
             # runnable processes (the clients) have this core meanwhile.
-            end = min(self.last_active + self.spin_s, _perf() + timeout)
+            start = _perf()
+            end = min(self.last_active + self.spin_s, start + timeout)
             poll, yield_ = self.poll.poll, os.sched_yield
             while _perf() < end:
                 if poll(0):
                     self.counts["spin_hits"] += 1
                     return
                 yield_()
+            timeout -= _perf() - start  # the spin was part of the wait
         self.poll.poll(max(0, math.ceil(timeout * 1000)))
 
     def drain(self, max_items: int):
@@ -393,12 +395,14 @@ class ServerSide:
             return
         self.counts["pickled_answers"] += 1
         self._send(c, W.pack(W.ANS_PICKLE, slot, 0.0, payload))
+        self.last_active = _perf()  # the spin window starts at the answer, as on the fast path
 
     def resolve_exception(self, slot: int, exc: BaseException) -> None:
         c = self._answered(slot)
         if c is None:
             return
         self._send(c, W.pack(W.ERR, slot, 0.0, W.encode(W.picklable_exception(exc), self.token)))
+        self.last_active = _perf()
 
     # -- shutdown --------------------------------------------------------------------
     def teardown(self) -> None:
