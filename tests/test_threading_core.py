@@ -155,7 +155,7 @@ def test_server_lets_answered_threads_resubmit_before_the_next_forward(policy, m
     """After answering N actor threads the server waits (bounded) for their next requests."""
     import time
 
-    import rlserve.server as S
+    import rlserve._caller_threads as S
 
     monkeypatch.setattr(S, "_RETURN_SLICE_S", 0.1)
     monkeypatch.setattr(S, "_RETURN_PER_CALLER_S", 0.5)  # cap: 1.5 s for 3 callers
@@ -187,7 +187,7 @@ def test_server_does_not_wait_for_requests_max_pending_cannot_admit(policy, monk
     """With max_pending reached no answered thread can resubmit: no wait, the next forward runs at once."""
     import time
 
-    import rlserve.server as S
+    import rlserve._caller_threads as S
 
     monkeypatch.setattr(S, "_RETURN_SLICE_S", 0.5)
     monkeypatch.setattr(S, "_RETURN_PER_CALLER_S", 0.5)
@@ -206,7 +206,7 @@ def test_callers_back_before_the_batch_was_fully_answered_count_as_back(policy, 
     """Requests resubmitted while the batch was being answered (here by done-callbacks) are not waited for twice."""
     import time
 
-    import rlserve.server as S
+    import rlserve._caller_threads as S
 
     monkeypatch.setattr(S, "_RETURN_SLICE_S", 0.1)
     monkeypatch.setattr(S, "_RETURN_PER_CALLER_S", 0.5)
