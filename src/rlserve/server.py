@@ -91,6 +91,10 @@ class InferenceServer(CallerThreads):
         self.model = model
         self._direct = direct_call(model)  # None unless model is a plain TensorDictModule
         self.transport = transport
+        # transport hooks, looked up once (see transport.py): answer whole batches; queue length
+        self._whole_batches = getattr(transport, "resolve_batch", None) is not None and not getattr(
+            transport, "wants_rows", True)
+        self._pending_fn = getattr(transport, "_pending", None)
         self.batching = BatchPolicy(max_batch_size, min_batch_size, timeout)
         self.device = torch.device(device) if device is not None else None
         self.output_device = torch.device(output_device) if output_device is not None else None
@@ -260,7 +264,7 @@ class InferenceServer(CallerThreads):
             def drain(n, _drain=tr.drain):
                 ins, cbs = _drain(n)
                 return ins, cbs, [_perf()] * len(ins)
-        pending = getattr(tr, "_pending", None)  # in-process transports only (see below)
+        pending = self._pending_fn  # in-process transports only (see below)
         serve_lock = self._serve_lock
         # callers that are threads of this process and resubmit at once (see _let_callers_return)
         wait_count = getattr(tr, "_wait_for_count", None) if getattr(tr, "_callers_resubmit", False) else None
@@ -359,7 +363,6 @@ class InferenceServer(CallerThreads):
 
     def _run_group(self, sig, ins: list, cbs: list, ts: list) -> None:
         n = len(ins)
-        tr = self.transport
         direct = self._direct
         if direct is not None and is_fast(sig) and self.collate_fn is None and self.device is None and direct.usable():
             self._run_direct(direct, sig, ins, cbs, ts)
@@ -379,8 +382,7 @@ class InferenceServer(CallerThreads):
             t_fwd = _perf() - t0
             if back_to is not None and out is not None and hasattr(out, "to"):
                 out = out.to(back_to)
-            resolve_batch = getattr(tr, "resolve_batch", None)
-            if resolve_batch is not None and not getattr(tr, "wants_rows", True):
+            if self._whole_batches:
                 rows = None
             else:
                 rows = split_rows(out, n, self.policy_version_key, self.policy_version)
@@ -402,14 +404,11 @@ class InferenceServer(CallerThreads):
         """Answer a batch that ran: the whole batch through resolve_batch, or row by row."""
         tr = self.transport
         self._remember(sig)
-        if self._answer_mark < 0:
-            pending = getattr(tr, "_pending", None)
-            if pending is not None:
-                self._answer_mark = pending()
-        resolve_batch = getattr(tr, "resolve_batch", None)
-        if resolve_batch is not None and rows is None:
+        if self._answer_mark < 0 and self._pending_fn is not None:
+            self._answer_mark = self._pending_fn()
+        if rows is None:  # self._whole_batches
             try:
-                resolve_batch(cbs, out, rows)
+                tr.resolve_batch(cbs, out, None)
             except Exception:
                 # Contract: resolve_batch answers all rows or raises before answering any.
                 log.exception("%s: resolve_batch failed", self.name)
@@ -426,15 +425,13 @@ class InferenceServer(CallerThreads):
     def _run_direct(self, direct, sig, ins: list, cbs: list, ts: list) -> None:
         """_run_group for a plain TensorDictModule on flat requests: no wrapper, no batch TensorDict."""
         n = len(ins)
-        tr = self.transport
         try:
             src = stack_leaves(ins)
             bs = torch.Size([n, *sig[1]])
             t0 = _perf()
             src = direct(src, bs)
             t_fwd = _perf() - t0
-            resolve_batch = getattr(tr, "resolve_batch", None)
-            if resolve_batch is not None and not getattr(tr, "wants_rows", True):
+            if self._whole_batches:
                 out, rows = batch_td(sig, src, n), None
             else:
                 out = None

@@ -143,23 +143,20 @@ class ThreadingTransport(InferenceTransport):
             pass
 
     def wait_for_work(self, timeout: float) -> None:
-        if self._q:
-            return
-        self._sleeping = True
-        if not self._q:  # re-check after raising the flag: no lost wake-up
-            if timeout > 0:
-                self._signal.acquire(timeout=timeout)
-            else:
-                self._signal.acquire(blocking=False)
-        self._sleeping = False
+        self._wait_for_count(1, timeout)
 
     def _wait_for_count(self, n: int, timeout: float) -> None:
         """Sleep until ``n`` requests are queued, or ``timeout`` seconds pass (server side)."""
+        if len(self._q) >= n:
+            return
         self._wake_at = n
         self._sleeping = True
         try:
             if len(self._q) < n:  # re-check after raising the flag: no lost wake-up
-                self._signal.acquire(timeout=timeout)
+                if timeout > 0:
+                    self._signal.acquire(timeout=timeout)
+                else:
+                    self._signal.acquire(blocking=False)
         finally:
             self._sleeping = False
             self._wake_at = 1
