@@ -253,9 +253,10 @@ def test_large_answer_to_a_killed_actor_is_not_left_in_shm():
                 p.kill()
 
 
-def _fork_actor(client, q, ready):
+def _fork_actor(client, q, ready, go):
     client(_td(1), timeout=30)  # registered while the server is idle
     ready.set()
+    go.wait(30)  # the server is busy now: this call waits for its answer
     q.put(("calling", os.getpid()))
     t0 = time.monotonic()
     try:
@@ -272,12 +273,13 @@ def _serving_host(q):
     c = tr.client()
     c(_td(1))
     ctx = mp.get_context("fork")
-    ready = ctx.Event()
-    actor = ctx.Process(target=_fork_actor, args=(tr.client(), q, ready))
+    ready, go = ctx.Event(), ctx.Event()
+    actor = ctx.Process(target=_fork_actor, args=(tr.client(), q, ready, go))
     actor.start()
     ready.wait(30)
     c.submit(_td(-1))  # a 60 s forward
     _wait_busy()
+    go.set()  # only now: a request sent earlier could be answered before the slow one
     q.put(("host", actor.pid, tr.token))
     time.sleep(120)
 
