@@ -253,3 +253,53 @@ def test_failing_policy_factory_raises_and_leaves_no_process():
     while children() - before and time.monotonic() < t_end:
         time.sleep(0.2)
     assert not children() - before
+
+
+class _ThreadProbe(torch.nn.Module):
+    """Answers 1.0 when the forward runs on the server thread, 0.0 on any other."""
+
+    def forward(self, obs):
+        import threading
+
+        return torch.full(obs.shape[:1], float(threading.current_thread().name == "rlserve-server"))
+
+
+def _thread_probe():
+    from tensordict.nn import TensorDictModule
+
+    return TensorDictModule(_ThreadProbe(), in_keys=["observation"], out_keys=["on_server"])
+
+
+def test_an_idle_server_runs_the_batch_on_the_endpoint_thread():
+    # One call at a time: the server is idle at each, so the endpoint's own thread runs the
+    # batch (no hand-over to the server thread and back). A call landing while the server
+    # thread happens to be awake is served there, hence "most", not "all".
+    for run_in_caller in (True, False):
+        with MonarchTransport(_thread_probe, server_kwargs={"run_in_caller": run_in_caller}) as tr:
+            client = tr.client()
+            on_server = [float(client(obs(1), timeout=30)["on_server"]) for _ in range(10)]
+        if run_in_caller:
+            assert on_server.count(0.0) >= 8, on_server
+        else:
+            assert on_server == [1.0] * 10
+
+
+class _Exit(torch.nn.Module):
+    def forward(self, obs):
+        raise SystemExit("the model asked to stop")
+
+
+def _exit_policy():
+    from tensordict.nn import TensorDictModule
+
+    return TensorDictModule(_Exit(), in_keys=["observation"], out_keys=["action"])
+
+
+def test_a_batch_that_stops_the_server_on_the_endpoint_thread_leaves_the_actor_answering():
+    with MonarchTransport(_exit_policy) as tr:
+        client = tr.client()
+        with pytest.raises((SystemExit, ServerDeadError)):
+            client(obs(1), timeout=30)
+        with pytest.raises(ServerDeadError):  # later calls: a clear error at once, not a hang
+            client(obs(1), timeout=30)
+        assert tr.stats(timeout=30)["errors"] == 1  # the actor itself lives on and still answers

@@ -35,6 +35,19 @@ def make_affine():
     return TensorDictModule(lin, in_keys=["observation"], out_keys=["action"])
 
 
+class ThreadProbe(nn.Module):
+    """Answers 1.0 when the forward runs on the server thread, 0.0 on any other."""
+
+    def forward(self, obs):
+        import threading
+
+        return torch.full(obs.shape[:1], float(threading.current_thread().name == "rlserve-server"))
+
+
+def make_thread_probe():
+    return TensorDictModule(ThreadProbe(), in_keys=["observation"], out_keys=["on_server"])
+
+
 def const_weights(c: float) -> dict:
     return {"module.weight": torch.full((1, 8), float(c)), "module.bias": torch.full((1,), float(c))}
 
@@ -188,6 +201,20 @@ def test_driver_hosted_server_death_reaches_clients():
         server.shutdown()
     finally:
         tr.shutdown()
+
+
+def test_an_idle_server_runs_the_batch_on_the_request_thread():
+    # One call at a time: the server is idle at each, so Ray's request thread runs the batch
+    # itself (no hand-over to the server thread and back). A call landing while the server
+    # thread happens to be awake is served there, hence "most", not "all".
+    for run_in_caller in (True, False):
+        with RayTransport(make_thread_probe, server_kwargs={"run_in_caller": run_in_caller}) as tr:
+            client = tr.client()
+            on_server = [float(client(obs(1), timeout=30)["on_server"]) for _ in range(10)]
+        if run_in_caller:
+            assert on_server.count(0.0) >= 8, on_server
+        else:
+            assert on_server == [1.0] * 10
 
 
 def test_bad_input_fails_only_its_sender(doubler, callers):

@@ -62,7 +62,8 @@ class InferenceServer(CallerThreads):
             blocking ``client(td)`` call with no timeout, that thread runs the
             batch itself instead of waking the server and then being woken:
             no thread hand-over, about 3x lower latency for a lone actor
-            (in-process transports that offer it, ``min_batch_size=1`` only).
+            (``min_batch_size=1`` only; ThreadingTransport, and the request
+            threads of Ray and Monarch server actors).
             Batches still never overlap, and weights still change only
             between batches. Set ``False`` if the model must only ever run on
             the server thread (thread-local state such as CUDA graphs, or

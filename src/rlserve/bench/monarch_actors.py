@@ -63,7 +63,10 @@ class Echo(Actor):
 def run_mesh(procs, n: int, client, seconds: float, tag: str) -> dict:
     mesh = procs.slice(procs=slice(0, n)).spawn(f"loop_{tag}_{n}_{time.monotonic_ns()}", Looper, client)
     start_at = time.time() + 1.0
-    parts = list(mesh.run.call(start_at, seconds).get(timeout=seconds + 120).values())
+    try:
+        parts = list(mesh.run.call(start_at, seconds).get(timeout=seconds + 120).values())
+    finally:
+        mesh.stop().get(timeout=60)  # idle loopers left behind would tax the next rows
     lats = [x for p in parts for x in p]
     return {"req_s": len(lats) / seconds, "p50_us": pct(lats, 0.5) * 1e6, "p99_us": pct(lats, 0.99) * 1e6}
 
@@ -84,28 +87,39 @@ def main(argv=None) -> list[dict]:
     procs = this_host().spawn_procs(per_host={"procs": max(a.actors)})
     results: dict = {}
     try:
-        for _ in range(a.repeats):
+        def hosted(n):
+            with MonarchTransport(seed_policy, server_kwargs={"max_batch_size": MAX_BATCH}) as tr:
+                m = batch_meter(tr.stats)
+                r = run_mesh(procs, n, tr.client(), a.seconds, "a")
+                r["batch"] = m()
+            return r
+
+        def in_driver(n):
+            tr = MonarchTransport()
+            with InferenceServer(seed_policy(), tr, max_batch_size=MAX_BATCH) as server:
+                m = batch_meter(server.stats)
+                r = run_mesh(procs, n, tr.client(), a.seconds, "d")
+                r["batch"] = m()
+            tr.shutdown()
+            return r
+
+        def echo(n):
+            eprocs = this_host().spawn_procs()
+            try:
+                r = run_mesh(procs, n, MonarchClient(eprocs.spawn("echo", Echo)), a.seconds, "e")
+            finally:
+                eprocs.stop().get()
+            r["batch"] = 1.0
+            return r
+
+        rows = [("rlserve/actor", hosted), ("rlserve/driver", in_driver), ("echo/wire", echo)]
+        for rep in range(a.repeats):
             if not a.no_wait_idle:
                 wait_idle()
             for n in a.actors:
-                with MonarchTransport(seed_policy, server_kwargs={"max_batch_size": MAX_BATCH}) as tr:
-                    m = batch_meter(tr.stats)
-                    r = run_mesh(procs, n, tr.client(), a.seconds, "a")
-                    r["batch"] = m()
-                results.setdefault(("rlserve/actor", n), []).append(r)
-                tr = MonarchTransport()
-                with InferenceServer(seed_policy(), tr, max_batch_size=MAX_BATCH) as server:
-                    m = batch_meter(server.stats)
-                    r = run_mesh(procs, n, tr.client(), a.seconds, "d")
-                    r["batch"] = m()
-                tr.shutdown()
-                results.setdefault(("rlserve/driver", n), []).append(r)
-                eprocs = this_host().spawn_procs()
-                echo = eprocs.spawn("echo", Echo)
-                r = run_mesh(procs, n, MonarchClient(echo), a.seconds, "e")
-                r["batch"] = 1.0
-                eprocs.stop().get()
-                results.setdefault(("echo/wire", n), []).append(r)
+                k = rep % len(rows)  # rotate the order: no row always runs first or last
+                for name, run in rows[k:] + rows[:k]:
+                    results.setdefault((name, n), []).append(run(n))
     finally:
         procs.stop().get()
     rows = []

@@ -1,10 +1,9 @@
 """Pieces shared by the transports whose callers live in other processes (Ray, Monarch).
 
-* a wire codec: a flat TensorDict of CPU tensors travels as one ``bytes``
-  object (a protocol-5 pickle of its numpy arrays). Both engines pass
-  ``bytes`` through untouched, while a tuple of numpy arrays costs Ray
-  ~15 us of serialisation each way and a TensorDict ~100 us. Anything else
-  travels as the TensorDict itself;
+* the wire codec (:mod:`._codec`): a flat TensorDict of CPU tensors travels
+  as one ``bytes`` object. Both engines pass ``bytes`` through untouched,
+  while a tuple of numpy arrays costs Ray ~15 us of serialisation each way
+  and a TensorDict ~100 us. Anything else travels as the TensorDict itself;
 * replies are the encoded row (``bytes``), ``("ok", TensorDict)`` for
   TensorDicts the codec cannot flatten, or ``("err", exception)``, so an
   error reaches the one caller that caused it with its own type, and the
@@ -21,63 +20,18 @@ import logging
 import pickle
 import threading
 
-import numpy as np
 import torch
 
-from .._td import TensorDictBase, flat_leaves, new_td
-from ..errors import RequestError, ServerClosedError
+from .._td import TensorDictBase, flat_leaves
+from ..errors import ServerClosedError
 from ..transport import LIVENESS_PERIOD_S
+from ._codec import decode_td, encode_flat_rows, encode_td
 from .threading import ThreadingTransport, _Waiter
 
 __all__ = ["encode_td", "decode_td", "encode_rows", "reply_error", "unwrap_reply", "WaiterQueueTransport",
            "HostedServerMixin"]
 
 log = logging.getLogger("rlserve")
-
-_dumps = pickle.dumps
-_loads = pickle.loads
-
-
-def encode_td(td) -> object:
-    """The cheapest picklable form of one request (or answer)."""
-    d = flat_leaves(td)
-    if d is not None:
-        arrays = []
-        for v in d.values():
-            if v.device.type != "cpu" or v.requires_grad:
-                return td
-            try:
-                arrays.append(v.numpy())
-            except (TypeError, RuntimeError):  # e.g. bfloat16 has no numpy dtype
-                return td
-        return _dumps((tuple(td.batch_size), tuple(d), tuple(arrays)), 5)
-    if isinstance(td, TensorDictBase):
-        return td
-    raise RequestError(f"request must be a TensorDict, got {type(td).__name__}")
-
-
-def decode_td(payload) -> TensorDictBase:
-    """Inverse of :func:`encode_td`; raises RequestError for anything else."""
-    if type(payload) is bytes:
-        try:
-            bs, keys, arrays = _loads(payload)
-            bs = torch.Size(bs)
-            src = {}
-            for k, a in zip(keys, arrays, strict=True):
-                if type(k) is not str or type(a) is not np.ndarray:
-                    raise TypeError(f"leaf {k!r} is a {type(a).__name__}")
-                if not a.flags.writeable:
-                    a = a.copy()
-                t = torch.from_numpy(a)
-                if t.shape[: len(bs)] != bs:
-                    raise ValueError(f"leaf {k!r} has shape {list(t.shape)}, batch_size is {list(bs)}")
-                src[k] = t
-        except Exception as e:  # payloads come from other processes: check, never trust
-            raise RequestError(f"malformed request: {type(e).__name__}: {e}") from None
-        return new_td(src, bs)  # checked above, so skip the constructor's own checks
-    if isinstance(payload, TensorDictBase):
-        return payload
-    raise RequestError(f"request must be a TensorDict, got {type(payload).__name__}")
 
 
 def _restore_batch_dim(out, n: int) -> None:
@@ -104,22 +58,12 @@ def encode_rows(out, n: int, version_key, version: int) -> list:
             "it must keep the leading batch dimension"
         )
     d = flat_leaves(out)
-    cols = None
-    if d is not None:
-        try:
-            cols = [v.detach().numpy() for v in d.values()] if all(v.device.type == "cpu" for v in d.values()) else None
-        except (TypeError, RuntimeError):
-            cols = None
-    if cols is None:  # general path: rows as TensorDicts
+    rows = encode_flat_rows(d, out.batch_size, n, version_key, version) if d is not None else None
+    if rows is None:  # general path: rows as TensorDicts
         if version_key is not None:
             out.set(version_key, torch.full(out.batch_size, version, dtype=torch.int64))
-        return [("ok", row) for row in out.unbind(0)]
-    keys = tuple(d)
-    if version_key is not None:
-        keys = keys + (version_key,)
-        cols.append(np.full(tuple(out.batch_size), version, dtype=np.int64))
-    row_bs = tuple(out.batch_size[1:])
-    return [_dumps((row_bs, keys, tuple([c[i, ...] for c in cols])), 5) for i in range(n)]
+        rows = [("ok", row) for row in out.unbind(0)]
+    return rows
 
 
 def encode_replies(server, batch_out, n: int) -> list:
@@ -157,7 +101,8 @@ class WaiterQueueTransport(ThreadingTransport):
     call in one of its request threads, which enqueues and blocks (GIL
     released) until the server thread hands it the encoded row. One thread
     hop each way; no event loop to wake (measured ~25% less server CPU per
-    request than an async actor awaiting futures on its loop).
+    request than an async actor awaiting futures on its loop). When the
+    server is idle, the request thread runs the batch itself: no hop at all.
     """
 
     _callers_resubmit = False  # answers go to remote callers: none resubmits from this process
@@ -177,9 +122,14 @@ class WaiterQueueTransport(ThreadingTransport):
             w = local.waiter = _Waiter()
         try:
             self.check_alive()
-            self._put(decode_td(payload), w, None)
+            # An idle server's batch may run right here (see InferenceServer(run_in_caller=...)).
+            self._put(decode_td(payload), w, None, True)
         except Exception as e:
             return reply_error(e)
+        except BaseException as e:
+            # Only a batch run here raises these (the model raised SystemExit, ...): that batch
+            # answered its callers, this one included, and stopped the server.
+            log.error("rlserve: a batch run on a request thread stopped the server: %r", e)
         # The server answers every request it accepted, even when it dies or
         # shuts down; the liveness check covers a server that can no longer.
         while not w.lock.acquire(timeout=LIVENESS_PERIOD_S):

@@ -1,0 +1,124 @@
+"""The wire form of requests and answers between processes (Ray, Monarch): round trips and bad input."""
+import pickle
+import re
+import struct
+
+import pytest
+import torch
+from tensordict import TensorDict
+
+from rlserve import RequestError
+from rlserve.transports import _codec
+from rlserve.transports._codec import MAGIC, decode_td, encode_td
+from rlserve.transports._remote import encode_rows, unwrap_reply
+
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.complex64, torch.complex128,
+          torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8, torch.bool]
+
+
+def _same(a: TensorDict, b: TensorDict) -> None:
+    assert set(a.keys()) == set(b.keys())
+    assert a.batch_size == b.batch_size
+    for k in a.keys():
+        assert a[k].dtype == b[k].dtype, k
+        assert a[k].shape == b[k].shape, k
+        assert torch.equal(a[k], b[k]), k
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_every_dtype_round_trips(dtype):
+    x = (torch.randn(3, 5) * 50).to(dtype)
+    td = TensorDict(x=x, scalar=torch.tensor(3).to(dtype), empty=torch.empty(0, 2, dtype=dtype), batch_size=[])
+    payload = encode_td(td)
+    assert type(payload) is bytes and payload[:2] == MAGIC
+    _same(decode_td(payload), td)
+
+
+def test_batch_dims_odd_sizes_and_non_contiguous_leaves():
+    base = torch.arange(2 * 3 * 7, dtype=torch.float32).reshape(2, 3, 7)
+    td = TensorDict(
+        t=base.transpose(1, 2).transpose(1, 2)[:, :, ::2],  # strided view
+        b=torch.ones(2, 3, dtype=torch.bool),
+        i=torch.arange(6, dtype=torch.int16).reshape(2, 3, 1),  # 2-byte leaf: padding follows
+        batch_size=[2, 3],
+    )
+    assert not td["t"].is_contiguous()
+    _same(decode_td(encode_td(td)), td)
+
+
+def test_decoded_tensors_are_writable_and_alias_nothing():
+    obs = torch.zeros(4)
+    payload = encode_td(TensorDict(a=obs, b=torch.zeros(4)))
+    one, two = decode_td(payload), decode_td(payload)
+    one["a"].add_(1)  # no warning, no error: a fresh buffer
+    assert obs.sum() == 0 and two["a"].sum() == 0 and one["b"].sum() == 0
+    assert payload == encode_td(TensorDict(a=torch.zeros(4), b=torch.zeros(4)))
+
+
+def test_what_cannot_take_the_wire_form_travels_as_the_tensordict():
+    nested = TensorDict(a=TensorDict(b=torch.zeros(2)))
+    grad = TensorDict(w=torch.zeros(2, requires_grad=True))
+    assert encode_td(nested) is nested
+    assert encode_td(grad) is grad
+    assert decode_td(nested) is nested
+    with pytest.raises(RequestError, match="must be a TensorDict, got dict"):
+        encode_td({"a": torch.zeros(1)})
+
+
+def _frame(header_obj, data: bytes) -> bytes:
+    h = pickle.dumps(header_obj)
+    return MAGIC + struct.pack("<I", len(h)) + h + data
+
+
+@pytest.mark.parametrize("payload, says", [
+    (b"\x80\x05junk", "not an rlserve wire message"),
+    (MAGIC + b"\x01", "unpack"),
+    (_frame(((), (("a", "torch.float32", (2,)),)), bytes(4)), "4 data bytes, the header says 16"),
+    (_frame(((), (("a", "torch.float32", (2,)),)), bytes(32)), "32 data bytes"),
+    (_frame(((), (("a", "torch.qint8", (2,)),)), bytes(16)), "unsupported dtype"),
+    (_frame(((3,), (("a", "torch.float32", (2,)),)), bytes(16)), "batch_size is [3]"),
+    (_frame(((), ((1, "torch.float32", (2,)),)), bytes(16)), "bad key"),
+    (_frame(((), (("a", "torch.float32", (-2,)),)), b""), "bad shape"),
+    (_frame(("x", ()), b""), "bad batch_size"),
+    (12, "must be a TensorDict, got int"),
+], ids=["pickle", "truncated", "short-data", "long-data", "dtype", "batch-size", "key", "shape", "header", "int"])
+def test_malformed_payloads_are_request_errors(payload, says):
+    with pytest.raises(RequestError, match=re.escape(says)):
+        decode_td(payload)
+
+
+def test_answer_rows_carry_each_row_and_the_version():
+    out = TensorDict(
+        observation=torch.randn(5, 8),
+        action=torch.randn(5, 4).to(torch.bfloat16),
+        done=torch.tensor([True, False, True, False, True]),
+        grid=torch.arange(5 * 6, dtype=torch.int64).reshape(5, 2, 3),
+        batch_size=[5],
+    )
+    rows = encode_rows(out, 5, "policy_version", 7)
+    assert len(rows) == 5 and all(type(r) is bytes for r in rows)
+    for i, r in enumerate(rows):
+        got = unwrap_reply(r)
+        assert got.batch_size == torch.Size([])
+        assert got["policy_version"].dtype == torch.int64 and got["policy_version"].item() == 7
+        for k in ("observation", "action", "done", "grid"):
+            assert torch.equal(got[k], out[k][i]), k
+    assert "policy_version" not in unwrap_reply(encode_rows(out, 5, None, 7)[0]).keys()
+
+
+def test_answer_rows_follow_a_new_version_and_row_shape():
+    out = TensorDict(a=torch.zeros(2, 3), batch_size=[2, 3])
+    first = unwrap_reply(encode_rows(out, 2, "v", 1)[1])
+    second = unwrap_reply(encode_rows(out, 2, "v", 2)[1])
+    assert first["v"].shape == (3,) and (first["v"] == 1).all()
+    assert (second["v"] == 2).all()  # the cached stamp is not reused across versions
+
+
+def test_header_caches_stay_bounded(monkeypatch):
+    monkeypatch.setattr(_codec, "_CACHE_MAX", 8)
+    monkeypatch.setattr(_codec, "_headers", {})
+    monkeypatch.setattr(_codec, "_layouts", {})
+    for n in range(1, 40):
+        td = TensorDict(x=torch.zeros(n))
+        _same(decode_td(encode_td(td)), td)
+    assert len(_codec._headers) <= 8 and len(_codec._layouts) <= 8
