@@ -303,3 +303,26 @@ def test_a_batch_that_stops_the_server_on_the_endpoint_thread_leaves_the_actor_a
         with pytest.raises(ServerDeadError):  # later calls: a clear error at once, not a hang
             client(obs(1), timeout=30)
         assert tr.stats(timeout=30)["errors"] == 1  # the actor itself lives on and still answers
+
+
+class _Slow(torch.nn.Module):
+    def forward(self, obs):
+        time.sleep(0.005)
+        return obs * 2
+
+
+def _slow_policy():
+    from tensordict.nn import TensorDictModule
+
+    return TensorDictModule(_Slow(), in_keys=["observation"], out_keys=["action"])
+
+
+def test_a_slow_model_is_still_batched(mesh):
+    # An idle server runs a batch on the endpoint thread. Requests arriving during that 5 ms
+    # forward must still queue up and form batches, not each wait for a forward of their own.
+    with MonarchTransport(_slow_policy) as tr:
+        callers = mesh.spawn("slow_callers", Caller, tr.client())
+        results = list(callers.loop.call(1.5).get(timeout=120).values())
+        assert all(err is None for _, err, _ in results), results
+        s = tr.stats(timeout=30)
+    assert s["mean_batch_size"] > 1.5, s["mean_batch_size"]

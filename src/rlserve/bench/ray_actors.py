@@ -240,13 +240,14 @@ def main(argv=None) -> list[dict]:
     print(f"# Ray benchmark: ray {ray.__version__}, torch {torch.__version__}, seed policy, "
           f"max_batch_size={MAX_BATCH}, {a.seconds}s x {a.repeats} repeats, median [min-max]")
     results: dict = {}
-    for _ in range(a.repeats):
+    for rep in range(a.repeats):
         if not a.no_wait_idle:
             wait_idle()
         init_ray()
         try:
             for n in a.actors:
-                for name in a.variants:
+                k = rep % len(a.variants)  # rotate the order: no row always runs first or last
+                for name in a.variants[k:] + a.variants[:k]:
                     results.setdefault((name, n), []).append(VARIANTS[name](n, a.seconds))
         finally:
             ray.shutdown()

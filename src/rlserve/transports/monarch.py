@@ -132,7 +132,9 @@ class PortQueueTransport(ThreadingTransport):
 
         An idle server's batch runs right here, on the endpoint's thread (see
         ``InferenceServer(run_in_caller=...)``): no hand-over to the server
-        thread and back, ~40 us less per request at low load.
+        thread and back. Monarch starts the next messages' endpoint calls while
+        that forward runs, so they still queue up and form batches (a test
+        holds a 5 ms model to it).
         """
         try:
             self.check_alive()
