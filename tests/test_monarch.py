@@ -38,6 +38,13 @@ class Caller(Actor):
             return ("err", type(e).__name__, str(e))
 
     @endpoint
+    def values(self, seconds, key):
+        out, t_end = [], time.monotonic() + seconds
+        while time.monotonic() < t_end:
+            out.append(float(self.client(obs(1), timeout=30)[key]))
+        return out
+
+    @endpoint
     def loop(self, seconds):
         n, t_end = 0, time.monotonic() + seconds
         while time.monotonic() < t_end:
@@ -305,24 +312,56 @@ def test_a_batch_that_stops_the_server_on_the_endpoint_thread_leaves_the_actor_a
         assert tr.stats(timeout=30)["errors"] == 1  # the actor itself lives on and still answers
 
 
-class _Slow(torch.nn.Module):
+class _SlowThreadProbe(torch.nn.Module):
+    """A 5 ms forward answering 1.0 on the server thread, 0.0 on any other."""
+
     def forward(self, obs):
+        import threading
+
         time.sleep(0.005)
-        return obs * 2
+        return torch.full(obs.shape[:1], float(threading.current_thread().name == "rlserve-server"))
 
 
-def _slow_policy():
+def _slow_thread_probe():
     from tensordict.nn import TensorDictModule
 
-    return TensorDictModule(_Slow(), in_keys=["observation"], out_keys=["action"])
+    return TensorDictModule(_SlowThreadProbe(), in_keys=["observation"], out_keys=["on_server"])
 
 
-def test_a_slow_model_is_still_batched(mesh):
-    # An idle server runs a batch on the endpoint thread. Requests arriving during that 5 ms
-    # forward must still queue up and form batches, not each wait for a forward of their own.
-    with MonarchTransport(_slow_policy) as tr:
+def test_a_slow_model_is_batched_on_the_server_thread(mesh):
+    # Monarch runs the endpoint's calls one at a time: a 5 ms batch run there would keep the
+    # next requests waiting in the mailbox, each then getting a forward of its own. Once a
+    # forward has shown it is slow, batches run on the server thread, where they can grow.
+    with MonarchTransport(_slow_thread_probe) as tr:
         callers = mesh.spawn("slow_callers", Caller, tr.client())
-        results = list(callers.loop.call(1.5).get(timeout=120).values())
-        assert all(err is None for _, err, _ in results), results
+        on_server = [v for part in callers.values.call(1.5, "on_server").get(timeout=120).values() for v in part]
         s = tr.stats(timeout=30)
+    assert on_server.count(0.0) <= 1, on_server.count(0.0)  # at most the very first request
     assert s["mean_batch_size"] > 1.5, s["mean_batch_size"]
+
+
+class _ExitOnUnpickle:
+    def __reduce__(self):
+        return (sys.exit, ("a hostile header",))
+
+
+def _bomb_payload() -> bytes:
+    """A wire message whose header raises SystemExit when the server unpickles it."""
+    import pickle
+    import struct
+
+    from rlserve.transports._codec import MAGIC
+
+    h = pickle.dumps(_ExitOnUnpickle())
+    return MAGIC + struct.pack("<I", len(h)) + h
+
+
+def test_a_request_raising_systemexit_while_decoded_is_answered_not_left_hanging():
+    tr = MonarchTransport()
+    try:
+        with InferenceServer(seed_policy(), tr, max_batch_size=4):
+            reply = tr.actor.infer.call_one(_bomb_payload()).get(timeout=30)
+            assert reply[0] == "err" and isinstance(reply[1], SystemExit), reply
+            assert tr.client()(obs(2), timeout=20)["action"].shape == (4,)  # still serving
+    finally:
+        tr.shutdown()

@@ -217,6 +217,34 @@ def test_an_idle_server_runs_the_batch_on_the_request_thread():
             assert on_server == [1.0] * 10
 
 
+class _ExitOnUnpickle:
+    def __reduce__(self):
+        return (sys.exit, ("a hostile header",))
+
+
+def test_a_request_raising_systemexit_while_decoded_is_answered_not_left_hanging():
+    # What a Ray request thread of the server actor runs, here on a thread of this process.
+    import pickle
+    import struct
+    import threading
+
+    from rlserve.transports._codec import MAGIC
+    from rlserve.transports._remote import WaiterQueueTransport
+
+    h = pickle.dumps(_ExitOnUnpickle())
+    bomb = MAGIC + struct.pack("<I", len(h)) + h
+    tr = WaiterQueueTransport()
+    with InferenceServer(make_doubler(), tr):
+        out = []
+        t = threading.Thread(target=lambda: out.append(tr.call(bomb)), daemon=True)
+        t.start()
+        t.join(10)
+        assert out and out[0][0] == "err" and isinstance(out[0][1], SystemExit), out
+        from rlserve.transports._codec import encode_td
+        from rlserve.transports._remote import unwrap_reply
+        assert torch.equal(unwrap_reply(tr.call(encode_td(obs(3))))["action"], torch.full((8,), 6.0))  # still serving
+
+
 def test_bad_input_fails_only_its_sender(doubler, callers):
     client = doubler.client()
     good, bad = callers[:2], callers[2]

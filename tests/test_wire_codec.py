@@ -122,3 +122,34 @@ def test_header_caches_stay_bounded(monkeypatch):
         td = TensorDict(x=torch.zeros(n))
         _same(decode_td(encode_td(td)), td)
     assert len(_codec._headers) <= 8 and len(_codec._layouts) <= 8
+
+
+def test_bfloat16_leaves_with_one_element_and_any_stride():
+    # torch calls a one-element tensor contiguous whatever its stride: e.g. logits[:, 0] of a
+    # batch of one, the lone-actor case.
+    logits = torch.randn(1, 3).to(torch.bfloat16)
+    td = TensorDict(first=logits[:, 0], scalar=torch.tensor(2.5, dtype=torch.bfloat16).expand(1), batch_size=[1])
+    _same(decode_td(encode_td(td)), td)
+    row = unwrap_reply(encode_rows(td, 1, "v", 3)[0])
+    assert torch.equal(row["first"], logits[0, 0]) and row["scalar"].item() == 2.5
+
+
+def test_conjugate_negative_and_sparse_leaves_still_travel():
+    # No plain memory to show: these go as TensorDicts (or, once made contiguous, as bytes),
+    # never as an error.
+    z = torch.randn(2, 3, dtype=torch.complex64)
+    cases = {
+        "conj": TensorDict(x=z.conj(), batch_size=[2]),
+        "neg": TensorDict(x=z.conj().imag, batch_size=[2]),
+        "neg-contiguous": TensorDict(x=torch.randn(2, 3)._neg_view(), batch_size=[2]),
+        "sparse": TensorDict(x=torch.eye(2).to_sparse(), batch_size=[2]),
+    }
+    for name, td in cases.items():
+        got = decode_td(encode_td(td))
+        assert torch.equal(got["x"].resolve_conj().resolve_neg().to_dense(),
+                           td["x"].resolve_conj().resolve_neg().to_dense()), name
+        rows = encode_rows(td, 2, "v", 1)
+        for i, r in enumerate(rows):
+            assert torch.equal(unwrap_reply(r)["x"].resolve_conj().resolve_neg().to_dense(),
+                               td["x"][i].resolve_conj().resolve_neg().to_dense()), name
+    assert encode_td(cases["conj"]) is cases["conj"] and encode_td(cases["sparse"]) is cases["sparse"]

@@ -63,7 +63,8 @@ class InferenceServer(CallerThreads):
             batch itself instead of waking the server and then being woken:
             no thread hand-over, about 3x lower latency for a lone actor
             (``min_batch_size=1`` only; ThreadingTransport, and the request
-            threads of Ray and Monarch server actors).
+            threads of Ray and Monarch server actors). With ``num_threads``
+            above 1, each thread that runs a batch keeps its own OpenMP team.
             Batches still never overlap, and weights still change only
             between batches. Set ``False`` if the model must only ever run on
             the server thread (thread-local state such as CUDA graphs, or
@@ -117,6 +118,7 @@ class InferenceServer(CallerThreads):
         self._serve_lock = threading.Lock()  # held around every batch and weight update, whichever thread runs it
         self._inline_ident = None  # the caller thread running a batch (see _serve_in_caller)
         self._last_batch = 0  # size of the newest batch: >1 means actors queue up, so no caller-run batches
+        self._last_forward_s = 0.0  # forward time of the newest batch (PortQueueTransport's inline rule)
         self._answer_mark = -1  # requests queued when the newest batch began to be answered (-1: unknown)
         self._pending_weights = None  # (weights, version) from update_weights()
 
@@ -405,6 +407,7 @@ class InferenceServer(CallerThreads):
         """Answer a batch that ran: the whole batch through resolve_batch, or row by row."""
         tr = self.transport
         self._remember(sig)
+        self._last_forward_s = t_fwd
         if self._answer_mark < 0 and self._pending_fn is not None:
             self._answer_mark = self._pending_fn()
         if rows is None:  # self._whole_batches

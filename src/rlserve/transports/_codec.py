@@ -42,16 +42,29 @@ _DTYPES = {str(d): d for d in (
 )}
 _NAMES = {d: n for n, d in _DTYPES.items()}
 
+_NO_BYTES = memoryview(b"")
 _headers: dict = {}  # signature -> MAGIC + length + header (encode side)
 _layouts: dict = {}  # header bytes -> parsed layout (decode side)
 
 
-def _raw(v: torch.Tensor) -> memoryview:
-    """The bytes of a contiguous CPU tensor, without copying."""
+def _raw(v: torch.Tensor) -> memoryview | None:
+    """The bytes of a contiguous dense CPU tensor, without copying.
+
+    None when the tensor shows no plain memory (a lazy conjugate or negative
+    view): the caller then sends the TensorDict as it is.
+    """
     try:
-        return memoryview(v.numpy()).cast("B")
-    except TypeError:  # no numpy dtype (bfloat16): view the same memory as bytes
-        return memoryview(v.reshape(-1).view(torch.uint8).numpy())
+        try:
+            a = v.numpy()
+        except TypeError:  # no numpy dtype: bfloat16 is int16-sized, so view it as that
+            if v.dtype is not torch.bfloat16:
+                return None
+            a = v.view(torch.int16).numpy()  # same strides, so any contiguous layout works
+        if a.size == 0:  # memoryview cannot cast a shape with zeros
+            return _NO_BYTES
+        return memoryview(a).cast("B")
+    except (TypeError, RuntimeError, ValueError):
+        return None
 
 
 def _prefix(sig) -> bytes:
@@ -80,8 +93,8 @@ def _join(prefix: bytes, views) -> bytes:
 def encode_td(td) -> object:
     """The cheapest picklable form of one request: wire bytes, else the TensorDict itself.
 
-    Only a flat TensorDict of contiguous-able CPU tensors without grad takes the
-    wire form; anything else travels as the TensorDict (pickled by the engine).
+    Only a flat TensorDict of dense CPU tensors without grad takes the wire
+    form; anything else travels as the TensorDict (pickled by the engine).
     """
     d = flat_leaves(td)
     if d is None:
@@ -91,12 +104,15 @@ def encode_td(td) -> object:
     leaves = []
     views = []
     for k, v in d.items():
-        if v.device.type != "cpu" or v.requires_grad or v.dtype not in _NAMES:
+        if v.device.type != "cpu" or v.requires_grad or v.dtype not in _NAMES or v.layout is not torch.strided:
             return td
         if not v.is_contiguous():
             v = v.contiguous()
+        mv = _raw(v)
+        if mv is None:
+            return td
         leaves.append((k, v.dtype, v.shape))
-        views.append(_raw(v))
+        views.append(mv)
     return _join(_prefix((tuple(td.batch_size), tuple(leaves))), views)
 
 
@@ -184,13 +200,15 @@ def encode_flat_rows(d: dict, batch_size: torch.Size, n: int, version_key, versi
     leaves = []
     cols = []
     for k, v in d.items():
-        if v.device.type != "cpu" or v.dtype not in _NAMES:
+        if v.device.type != "cpu" or v.dtype not in _NAMES or v.layout is not torch.strided:
             return None
         v = v.detach()
         if not v.is_contiguous():
             v = v.contiguous()
-        leaves.append((k, v.dtype, v.shape[1:]))
         mv = _raw(v)
+        if mv is None:
+            return None
+        leaves.append((k, v.dtype, v.shape[1:]))
         cols.append((mv, mv.nbytes // n))
     row_bs = tuple(batch_size[1:])
     if version_key is not None:

@@ -122,9 +122,13 @@ class WaiterQueueTransport(ThreadingTransport):
             w = local.waiter = _Waiter()
         try:
             self.check_alive()
+            td = decode_td(payload)
+        except BaseException as e:
+            return reply_error(e)
+        try:
             # An idle server's batch may run right here (see InferenceServer(run_in_caller=...)).
-            self._put(decode_td(payload), w, None, True)
-        except Exception as e:
+            self._put(td, w, None, True)
+        except Exception as e:  # refused before it was queued (shut down, queue full)
             return reply_error(e)
         except BaseException as e:
             # Only a batch run here raises these (the model raised SystemExit, ...): that batch
