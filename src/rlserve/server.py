@@ -118,7 +118,7 @@ class InferenceServer(CallerThreads):
         self._serve_lock = threading.Lock()  # held around every batch and weight update, whichever thread runs it
         self._inline_ident = None  # the caller thread running a batch (see _serve_in_caller)
         self._last_batch = 0  # size of the newest batch: >1 means actors queue up, so no caller-run batches
-        self._last_forward_s = 0.0  # forward time of the newest batch (PortQueueTransport's inline rule)
+        self._forward_avg_s = 0.0  # moving average of forward times (PortQueueTransport's inline rule)
         self._answer_mark = -1  # requests queued when the newest batch began to be answered (-1: unknown)
         self._pending_weights = None  # (weights, version) from update_weights()
 
@@ -407,7 +407,7 @@ class InferenceServer(CallerThreads):
         """Answer a batch that ran: the whole batch through resolve_batch, or row by row."""
         tr = self.transport
         self._remember(sig)
-        self._last_forward_s = t_fwd
+        self._forward_avg_s += (t_fwd - self._forward_avg_s) * 0.125  # smooth: one slow batch is no trend
         if self._answer_mark < 0 and self._pending_fn is not None:
             self._answer_mark = self._pending_fn()
         if rows is None:  # self._whole_batches

@@ -129,7 +129,7 @@ class PortQueueTransport(ThreadingTransport):
 
     # Monarch runs a sync actor's endpoint calls one at a time: while a batch runs on the
     # endpoint thread, the next requests wait in the mailbox and cannot join it. So only
-    # while forwards are this short (the hand-over it saves costs about as much).
+    # while forwards take this long on average (the hand-over it saves costs about as much).
     inline_max_forward_s = 0.0002
 
     def accept(self, port, payload) -> None:
@@ -145,7 +145,7 @@ class PortQueueTransport(ThreadingTransport):
         except BaseException as e:
             _send(port, reply_error(e))
             return
-        inline = self._server._last_forward_s < self.inline_max_forward_s
+        inline = self._server._forward_avg_s < self.inline_max_forward_s
         try:
             self._put(td, port, None, inline)
         except Exception as e:  # refused before it was queued (shut down, queue full)
