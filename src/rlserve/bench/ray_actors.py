@@ -248,6 +248,8 @@ def main(argv=None) -> list[dict]:
             for n in a.actors:
                 k = rep % len(a.variants)  # rotate the order: no row always runs first or last
                 for name in a.variants[k:] + a.variants[:k]:
+                    if not a.no_wait_idle:
+                        wait_idle()  # the previous row's killed workers may still be winding down
                     results.setdefault((name, n), []).append(VARIANTS[name](n, a.seconds))
         finally:
             ray.shutdown()

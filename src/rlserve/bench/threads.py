@@ -5,6 +5,7 @@ Also runs torchrl's ThreadingTransport server when torchrl is importable.
 from __future__ import annotations
 
 import argparse
+import itertools
 import statistics
 import threading
 import time
@@ -17,6 +18,19 @@ from tensordict import TensorDict
 from .common import print_table, run_actor_threads, seed_policy, summarize, wait_idle
 
 
+_make_obs = None  # None: each step builds a fresh observation (the actor's own tensor work)
+
+
+def _actors(call, n: int, seconds: float) -> dict:
+    return run_actor_threads(call, n, seconds, make_obs=_make_obs)
+
+
+def _prebuilt_obs():
+    """Observations built before the run, handed out in turn: measures serving alone."""
+    pool = itertools.cycle([TensorDict(observation=torch.randn(8)) for _ in range(1024)])
+    return lambda: next(pool)  # next() on a cycle is atomic under the GIL
+
+
 def bench_rlserve(n: int, seconds: float, max_batch: int) -> dict:
     from rlserve import InferenceServer, ThreadingTransport
 
@@ -24,7 +38,7 @@ def bench_rlserve(n: int, seconds: float, max_batch: int) -> dict:
     transport = ThreadingTransport()
     with InferenceServer(policy, transport, max_batch_size=max_batch) as server:
         client = transport.client()
-        r = run_actor_threads(client, n, seconds)
+        r = _actors(client, n, seconds)
         s = server.stats()
     r["batch"] = s["mean_batch_size"]
     return r
@@ -41,7 +55,7 @@ def bench_torchrl(n: int, seconds: float, max_batch: int) -> dict | None:
     server.start()
     try:
         client = transport.client()
-        r = run_actor_threads(client, n, seconds)
+        r = _actors(client, n, seconds)
     finally:
         server.shutdown()
     r["batch"] = float("nan")
@@ -57,7 +71,7 @@ def bench_direct(n: int, seconds: float) -> dict:
         with torch.no_grad():
             return lock_free(td)
 
-    r = run_actor_threads(call, n, seconds)
+    r = _actors(call, n, seconds)
     r["batch"] = 1.0
     return r
 
@@ -92,9 +106,60 @@ def bench_wake_floor(n: int, seconds: float) -> dict:
         return fut.result()
 
     try:
-        r = run_actor_threads(call, n, seconds)
+        r = _actors(call, n, seconds)
     finally:
         stop = True
+        t.join(5)
+    r["batch"] = float("nan")
+    return r
+
+
+def bench_lock_floor(n: int, seconds: float) -> dict:
+    """The least a hand-over costs: a server thread releasing each caller's own bare lock.
+
+    No Future, no Condition, no tensor work on the server side; the actors'
+    loop (and its observations) is the same as in every other row.
+    """
+    from _thread import allocate_lock
+
+    q: deque = deque()
+    wake = allocate_lock()
+    wake.acquire()
+    state = {"stop": False, "sleeping": False}
+    local = threading.local()
+
+    def serve():
+        while not state["stop"]:
+            if not q:
+                state["sleeping"] = True
+                if not q:
+                    wake.acquire(timeout=0.05)
+                state["sleeping"] = False
+                continue
+            while q:
+                q.popleft().release()
+
+    def call(td):
+        lock = getattr(local, "lock", None)
+        if lock is None:
+            lock = local.lock = allocate_lock()
+            lock.acquire()
+        q.append(lock)
+        if state["sleeping"]:
+            state["sleeping"] = False
+            try:
+                wake.release()
+            except RuntimeError:  # already released by another caller
+                pass
+        lock.acquire()
+        return td
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    try:
+        r = _actors(call, n, seconds)
+    finally:
+        state["stop"] = True
         t.join(5)
     r["batch"] = float("nan")
     return r
@@ -123,12 +188,18 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--max-batch", type=int, default=32)
     ap.add_argument("--no-wait-idle", action="store_true")
+    ap.add_argument("--prebuilt-obs", action="store_true",
+                    help="actors send observations built before the run instead of building one per step")
     a = ap.parse_args(argv)
     torch.set_num_threads(1)
     import tensordict
 
+    global _make_obs
+    _make_obs = _prebuilt_obs() if a.prebuilt_obs else None
+
     print(f"# threads benchmark: torch {torch.__version__}, tensordict {tensordict.__version__}, "
-          f"max_batch_size={a.max_batch}, {a.seconds}s x {a.repeats} repeats, median [min-max]")
+          f"max_batch_size={a.max_batch}, {a.seconds}s x {a.repeats} repeats, median [min-max]"
+          + (", pre-built observations" if a.prebuilt_obs else ", a fresh observation per step"))
     results: dict = {}
     for rep in range(a.repeats):
         if not a.no_wait_idle:
@@ -139,6 +210,7 @@ def main(argv=None) -> list[dict]:
                 ("torchrl", lambda: bench_torchrl(n, a.seconds, a.max_batch)),
                 ("direct", lambda: bench_direct(n, a.seconds)),
                 ("wake-floor", lambda: bench_wake_floor(n, a.seconds)),
+                ("lock-floor", lambda: bench_lock_floor(n, a.seconds)),
             ):
                 r = fn()
                 if r is not None:
