@@ -17,6 +17,7 @@ from monarch.actor import Actor, endpoint, this_host  # noqa: E402
 
 from rlserve import InferenceServer, MonarchTransport, RequestError, ServerClosedError, ServerDeadError  # noqa: E402
 from rlserve.bench.common import seed_policy  # noqa: E402
+from remote_probes import check_idle_batches_run_on_the_calling_thread, exit_payload, slow_thread_probe  # noqa: E402
 
 
 def obs(v, n=8):
@@ -262,33 +263,8 @@ def test_failing_policy_factory_raises_and_leaves_no_process():
     assert not children() - before
 
 
-class _ThreadProbe(torch.nn.Module):
-    """Answers 1.0 when the forward runs on the server thread, 0.0 on any other."""
-
-    def forward(self, obs):
-        import threading
-
-        return torch.full(obs.shape[:1], float(threading.current_thread().name == "rlserve-server"))
-
-
-def _thread_probe():
-    from tensordict.nn import TensorDictModule
-
-    return TensorDictModule(_ThreadProbe(), in_keys=["observation"], out_keys=["on_server"])
-
-
 def test_an_idle_server_runs_the_batch_on_the_endpoint_thread():
-    # One call at a time: the server is idle at each, so the endpoint's own thread runs the
-    # batch (no hand-over to the server thread and back). A call landing while the server
-    # thread happens to be awake is served there, hence "most", not "all".
-    for run_in_caller in (True, False):
-        with MonarchTransport(_thread_probe, server_kwargs={"run_in_caller": run_in_caller}) as tr:
-            client = tr.client()
-            on_server = [float(client(obs(1), timeout=30)["on_server"]) for _ in range(10)]
-        if run_in_caller:
-            assert on_server.count(0.0) >= 8, on_server
-        else:
-            assert on_server == [1.0] * 10
+    check_idle_batches_run_on_the_calling_thread(MonarchTransport)
 
 
 class _Exit(torch.nn.Module):
@@ -312,27 +288,11 @@ def test_a_batch_that_stops_the_server_on_the_endpoint_thread_leaves_the_actor_a
         assert tr.stats(timeout=30)["errors"] == 1  # the actor itself lives on and still answers
 
 
-class _SlowThreadProbe(torch.nn.Module):
-    """A 5 ms forward answering 1.0 on the server thread, 0.0 on any other."""
-
-    def forward(self, obs):
-        import threading
-
-        time.sleep(0.005)
-        return torch.full(obs.shape[:1], float(threading.current_thread().name == "rlserve-server"))
-
-
-def _slow_thread_probe():
-    from tensordict.nn import TensorDictModule
-
-    return TensorDictModule(_SlowThreadProbe(), in_keys=["observation"], out_keys=["on_server"])
-
-
 def test_a_slow_model_is_batched_on_the_server_thread(mesh):
     # Monarch runs the endpoint's calls one at a time: a 5 ms batch run there would keep the
     # next requests waiting in the mailbox, each then getting a forward of its own. Once a
     # forward has shown it is slow, batches run on the server thread, where they can grow.
-    with MonarchTransport(_slow_thread_probe) as tr:
+    with MonarchTransport(slow_thread_probe) as tr:
         callers = mesh.spawn("slow_callers", Caller, tr.client())
         on_server = [v for part in callers.values.call(1.5, "on_server").get(timeout=120).values() for v in part]
         s = tr.stats(timeout=30)
@@ -340,27 +300,11 @@ def test_a_slow_model_is_batched_on_the_server_thread(mesh):
     assert s["mean_batch_size"] > 1.5, s["mean_batch_size"]
 
 
-class _ExitOnUnpickle:
-    def __reduce__(self):
-        return (sys.exit, ("a hostile header",))
-
-
-def _bomb_payload() -> bytes:
-    """A wire message whose header raises SystemExit when the server unpickles it."""
-    import pickle
-    import struct
-
-    from rlserve.transports._codec import MAGIC
-
-    h = pickle.dumps(_ExitOnUnpickle())
-    return MAGIC + struct.pack("<I", len(h)) + h
-
-
 def test_a_request_raising_systemexit_while_decoded_is_answered_not_left_hanging():
     tr = MonarchTransport()
     try:
         with InferenceServer(seed_policy(), tr, max_batch_size=4):
-            reply = tr.actor.infer.call_one(_bomb_payload()).get(timeout=30)
+            reply = tr.actor.infer.call_one(exit_payload()).get(timeout=30)
             assert reply[0] == "err" and isinstance(reply[1], SystemExit), reply
             assert tr.client()(obs(2), timeout=20)["action"].shape == (4,)  # still serving
     finally:

@@ -14,8 +14,12 @@ ray = pytest.importorskip("ray")
 from rlserve import InferenceServer, RequestError, ServerClosedError, ServerDeadError  # noqa: E402
 from rlserve import RayTransport, RayWeightSyncScheme  # noqa: E402
 
-# Ray workers cannot import this test module: ship its functions and classes by value.
+import remote_probes  # noqa: E402
+from remote_probes import check_idle_batches_run_on_the_calling_thread, exit_payload  # noqa: E402
+
+# Ray workers cannot import the test modules: ship their functions and classes by value.
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+ray.cloudpickle.register_pickle_by_value(remote_probes)
 
 
 class Doubler(nn.Module):
@@ -33,19 +37,6 @@ def make_affine():
     nn.init.zeros_(lin.weight)
     nn.init.zeros_(lin.bias)
     return TensorDictModule(lin, in_keys=["observation"], out_keys=["action"])
-
-
-class ThreadProbe(nn.Module):
-    """Answers 1.0 when the forward runs on the server thread, 0.0 on any other."""
-
-    def forward(self, obs):
-        import threading
-
-        return torch.full(obs.shape[:1], float(threading.current_thread().name == "rlserve-server"))
-
-
-def make_thread_probe():
-    return TensorDictModule(ThreadProbe(), in_keys=["observation"], out_keys=["on_server"])
 
 
 def const_weights(c: float) -> dict:
@@ -204,44 +195,23 @@ def test_driver_hosted_server_death_reaches_clients():
 
 
 def test_an_idle_server_runs_the_batch_on_the_request_thread():
-    # One call at a time: the server is idle at each, so Ray's request thread runs the batch
-    # itself (no hand-over to the server thread and back). A call landing while the server
-    # thread happens to be awake is served there, hence "most", not "all".
-    for run_in_caller in (True, False):
-        with RayTransport(make_thread_probe, server_kwargs={"run_in_caller": run_in_caller}) as tr:
-            client = tr.client()
-            on_server = [float(client(obs(1), timeout=30)["on_server"]) for _ in range(10)]
-        if run_in_caller:
-            assert on_server.count(0.0) >= 8, on_server
-        else:
-            assert on_server == [1.0] * 10
-
-
-class _ExitOnUnpickle:
-    def __reduce__(self):
-        return (sys.exit, ("a hostile header",))
+    check_idle_batches_run_on_the_calling_thread(RayTransport)
 
 
 def test_a_request_raising_systemexit_while_decoded_is_answered_not_left_hanging():
     # What a Ray request thread of the server actor runs, here on a thread of this process.
-    import pickle
-    import struct
     import threading
 
-    from rlserve.transports._codec import MAGIC
-    from rlserve.transports._remote import WaiterQueueTransport
+    from rlserve.transports._codec import encode_td
+    from rlserve.transports._remote import WaiterQueueTransport, unwrap_reply
 
-    h = pickle.dumps(_ExitOnUnpickle())
-    bomb = MAGIC + struct.pack("<I", len(h)) + h
     tr = WaiterQueueTransport()
     with InferenceServer(make_doubler(), tr):
         out = []
-        t = threading.Thread(target=lambda: out.append(tr.call(bomb)), daemon=True)
+        t = threading.Thread(target=lambda: out.append(tr.call(exit_payload())), daemon=True)
         t.start()
         t.join(10)
         assert out and out[0][0] == "err" and isinstance(out[0][1], SystemExit), out
-        from rlserve.transports._codec import encode_td
-        from rlserve.transports._remote import unwrap_reply
         assert torch.equal(unwrap_reply(tr.call(encode_td(obs(3))))["action"], torch.full((8,), 6.0))  # still serving
 
 

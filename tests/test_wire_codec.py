@@ -1,7 +1,5 @@
 """The wire form of requests and answers between processes (Ray, Monarch): round trips and bad input."""
-import pickle
 import re
-import struct
 
 import pytest
 import torch
@@ -11,6 +9,7 @@ from rlserve import RequestError
 from rlserve.transports import _codec
 from rlserve.transports._codec import MAGIC, decode_td, encode_td
 from rlserve.transports._remote import encode_rows, unwrap_reply
+from remote_probes import wire_frame
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.complex64, torch.complex128,
           torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8, torch.bool]
@@ -65,21 +64,16 @@ def test_what_cannot_take_the_wire_form_travels_as_the_tensordict():
         encode_td({"a": torch.zeros(1)})
 
 
-def _frame(header_obj, data: bytes) -> bytes:
-    h = pickle.dumps(header_obj)
-    return MAGIC + struct.pack("<I", len(h)) + h + data
-
-
 @pytest.mark.parametrize("payload, says", [
     (b"\x80\x05junk", "not an rlserve wire message"),
     (MAGIC + b"\x01", "unpack"),
-    (_frame(((), (("a", "torch.float32", (2,)),)), bytes(4)), "4 data bytes, the header says 16"),
-    (_frame(((), (("a", "torch.float32", (2,)),)), bytes(32)), "32 data bytes"),
-    (_frame(((), (("a", "torch.qint8", (2,)),)), bytes(16)), "unsupported dtype"),
-    (_frame(((3,), (("a", "torch.float32", (2,)),)), bytes(16)), "batch_size is [3]"),
-    (_frame(((), ((1, "torch.float32", (2,)),)), bytes(16)), "bad key"),
-    (_frame(((), (("a", "torch.float32", (-2,)),)), b""), "bad shape"),
-    (_frame(("x", ()), b""), "bad batch_size"),
+    (wire_frame(((), (("a", "torch.float32", (2,)),)), bytes(4)), "4 data bytes, the header says 16"),
+    (wire_frame(((), (("a", "torch.float32", (2,)),)), bytes(32)), "32 data bytes"),
+    (wire_frame(((), (("a", "torch.qint8", (2,)),)), bytes(16)), "unsupported dtype"),
+    (wire_frame(((3,), (("a", "torch.float32", (2,)),)), bytes(16)), "batch_size is [3]"),
+    (wire_frame(((), ((1, "torch.float32", (2,)),)), bytes(16)), "bad key"),
+    (wire_frame(((), (("a", "torch.float32", (-2,)),)), b""), "bad shape"),
+    (wire_frame(("x", ()), b""), "bad batch_size"),
     (12, "must be a TensorDict, got int"),
 ], ids=["pickle", "truncated", "short-data", "long-data", "dtype", "batch-size", "key", "shape", "header", "int"])
 def test_malformed_payloads_are_request_errors(payload, says):

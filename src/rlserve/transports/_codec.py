@@ -67,6 +67,15 @@ def _raw(v: torch.Tensor) -> memoryview | None:
         return None
 
 
+def _leaf_bytes(v: torch.Tensor) -> memoryview | None:
+    """A leaf's bytes in C order, or None when it cannot take the wire form."""
+    if v.device.type != "cpu" or v.dtype not in _NAMES or v.layout is not torch.strided:
+        return None
+    if not v.is_contiguous():
+        v = v.contiguous()  # shape and dtype unchanged: the header is the same
+    return _raw(v)
+
+
 def _prefix(sig) -> bytes:
     """MAGIC + length + header for a signature ``(batch_size, ((key, dtype, shape), ...))``."""
     p = _headers.get(sig)
@@ -104,11 +113,7 @@ def encode_td(td) -> object:
     leaves = []
     views = []
     for k, v in d.items():
-        if v.device.type != "cpu" or v.requires_grad or v.dtype not in _NAMES or v.layout is not torch.strided:
-            return td
-        if not v.is_contiguous():
-            v = v.contiguous()
-        mv = _raw(v)
+        mv = None if v.requires_grad else _leaf_bytes(v)
         if mv is None:
             return td
         leaves.append((k, v.dtype, v.shape))
@@ -200,12 +205,7 @@ def encode_flat_rows(d: dict, batch_size: torch.Size, n: int, version_key, versi
     leaves = []
     cols = []
     for k, v in d.items():
-        if v.device.type != "cpu" or v.dtype not in _NAMES or v.layout is not torch.strided:
-            return None
-        v = v.detach()
-        if not v.is_contiguous():
-            v = v.contiguous()
-        mv = _raw(v)
+        mv = _leaf_bytes(v.detach())
         if mv is None:
             return None
         leaves.append((k, v.dtype, v.shape[1:]))

@@ -28,8 +28,8 @@ from ..transport import LIVENESS_PERIOD_S
 from ._codec import decode_td, encode_flat_rows, encode_td
 from .threading import ThreadingTransport, _Waiter
 
-__all__ = ["encode_td", "decode_td", "encode_rows", "reply_error", "unwrap_reply", "WaiterQueueTransport",
-           "HostedServerMixin"]
+__all__ = ["encode_td", "decode_td", "encode_rows", "reply_error", "unwrap_reply", "enqueue_remote",
+           "WaiterQueueTransport", "HostedServerMixin"]
 
 log = logging.getLogger("rlserve")
 
@@ -94,6 +94,31 @@ def unwrap_reply(reply) -> TensorDictBase:
     raise value
 
 
+def enqueue_remote(tr: ThreadingTransport, payload, callback, inline_max_forward_s: float | None = None):
+    """Queue one remote request on ``tr``; returns the error reply if it was not queued, else None.
+
+    An idle server's batch may run right here, on the receiving thread (see
+    ``InferenceServer(run_in_caller=...)``); with ``inline_max_forward_s``,
+    only while the server's forwards average less than that.
+    """
+    try:
+        tr.check_alive()
+        td = decode_td(payload)
+    except BaseException as e:  # anything, even a SystemExit from unpickling: this caller's error
+        return reply_error(e)
+    s = tr._server
+    inline = inline_max_forward_s is None or s._forward_avg_s < inline_max_forward_s
+    try:
+        tr._put(td, callback, None, inline)
+    except Exception as e:  # refused before it was queued (shut down, queue full)
+        return reply_error(e)
+    except BaseException as e:
+        # Only a batch run here raises these (the model raised SystemExit, ...): that batch
+        # answered its callers, this one included, and stopped the server.
+        log.error("rlserve: a batch run on a remote request's thread stopped the server: %r", e)
+    return None
+
+
 class WaiterQueueTransport(ThreadingTransport):
     """In-actor queue for request *threads*: each blocks on its own reusable lock.
 
@@ -120,20 +145,9 @@ class WaiterQueueTransport(ThreadingTransport):
             w = local.waiter
         except AttributeError:
             w = local.waiter = _Waiter()
-        try:
-            self.check_alive()
-            td = decode_td(payload)
-        except BaseException as e:
-            return reply_error(e)
-        try:
-            # An idle server's batch may run right here (see InferenceServer(run_in_caller=...)).
-            self._put(td, w, None, True)
-        except Exception as e:  # refused before it was queued (shut down, queue full)
-            return reply_error(e)
-        except BaseException as e:
-            # Only a batch run here raises these (the model raised SystemExit, ...): that batch
-            # answered its callers, this one included, and stopped the server.
-            log.error("rlserve: a batch run on a request thread stopped the server: %r", e)
+        refused = enqueue_remote(self, payload, w)
+        if refused is not None:
+            return refused
         # The server answers every request it accepted, even when it dies or
         # shuts down; the liveness check covers a server that can no longer.
         while not w.lock.acquire(timeout=LIVENESS_PERIOD_S):

@@ -27,7 +27,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 from ..errors import RequestError, ServerDeadError
 from ..transport import InferenceClient
-from ._remote import HostedServerMixin, decode_td, encode_replies, encode_rows, encode_td, reply_error, unwrap_reply
+from ._remote import HostedServerMixin, encode_replies, encode_rows, encode_td, enqueue_remote, reply_error, unwrap_reply
 from .threading import ThreadingTransport
 
 __all__ = ["MonarchTransport", "MonarchClient"]
@@ -139,21 +139,9 @@ class PortQueueTransport(ThreadingTransport):
         the endpoint's thread (see ``InferenceServer(run_in_caller=...)``): no
         hand-over to the server thread and back.
         """
-        try:
-            self.check_alive()
-            td = decode_td(payload)
-        except BaseException as e:
-            _send(port, reply_error(e))
-            return
-        inline = self._server._forward_avg_s < self.inline_max_forward_s
-        try:
-            self._put(td, port, None, inline)
-        except Exception as e:  # refused before it was queued (shut down, queue full)
-            _send(port, reply_error(e))
-        except BaseException as e:
-            # Only a batch run here raises these (the model raised SystemExit, ...): that batch
-            # answered its callers, this one included, and stopped the server.
-            log.error("rlserve: a batch run on the Monarch endpoint thread stopped the server: %r", e)
+        refused = enqueue_remote(self, payload, port, self.inline_max_forward_s)
+        if refused is not None:
+            _send(port, refused)
 
     def resolve_batch(self, callbacks, batch_out, rows) -> None:
         replies = encode_replies(self._server, batch_out, len(callbacks))
