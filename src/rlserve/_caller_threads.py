@@ -51,15 +51,20 @@ class CallerThreads:
         if cap is not None and target > cap:
             target = cap  # max_pending admits no more: waiting for them would only idle the server
         end = _perf() + answered * _RETURN_PER_CALLER_S
-        while True:
-            left = end - _perf()
-            if left <= 0:
-                return
-            wait_count(target, min(left, _RETURN_SLICE_S))
-            now = pending()
-            if now >= target or now == have or self._stop:
-                return
-            have = now
+        try:
+            while True:
+                left = end - _perf()
+                if left <= 0:
+                    return
+                wait_count(target, min(left, _RETURN_SLICE_S))
+                now = pending()
+                if now >= target or now == have or self._stop:
+                    return
+                have = now
+        finally:
+            release = self._release_answered
+            if release is not None:
+                release()  # callers still waiting for their turn: slow, or a turn cut short
 
     def _caller_hook(self):
         """What an in-process transport may call from a client thread when the server sleeps."""

@@ -97,6 +97,9 @@ class InferenceServer(CallerThreads):
         self._whole_batches = getattr(transport, "resolve_batch", None) is not None and not getattr(
             transport, "wants_rows", True)
         self._pending_fn = getattr(transport, "_pending", None)
+        # blocked callers woken in turn once their batch is answered, and the fallback (threading.py)
+        self._wake_answered = getattr(transport, "_wake_answered", None)
+        self._release_answered = getattr(transport, "_release_answered", None)
         self.batching = BatchPolicy(max_batch_size, min_batch_size, timeout)
         self.device = torch.device(device) if device is not None else None
         self.output_device = torch.device(output_device) if output_device is not None else None
@@ -291,6 +294,8 @@ class InferenceServer(CallerThreads):
                 if not ins:
                     with serve_lock:
                         self._apply_weight_updates()  # idle: keep the weights and the version current
+                        if self._release_answered is not None:
+                            self._release_answered()  # a turn-by-turn wake-up cut short (see threading.py)
                     continue
                 wait = policy.wait_time(len(ins), min(ts), _perf())
                 if wait > 0:
@@ -322,6 +327,8 @@ class InferenceServer(CallerThreads):
                 exc = ServerClosedError("the inference server shut down before running this request")
             self._fail(cbs, exc)
             self._fail_queued(exc)
+            if self._release_answered is not None:
+                self._release_answered()
 
     def _fail(self, cbs, exc) -> None:
         for cb in cbs:
@@ -419,11 +426,15 @@ class InferenceServer(CallerThreads):
                 self._fail(cbs, ServerDeadError("the transport could not deliver this answer"))
         else:
             resolve = tr.resolve
-            for cb, row in zip(cbs, rows):
-                try:
-                    resolve(cb, row)
-                except Exception:
-                    log.exception("%s: could not deliver an answer", self.name)
+            try:
+                for cb, row in zip(cbs, rows):
+                    try:
+                        resolve(cb, row)
+                    except Exception:
+                        log.exception("%s: could not deliver an answer", self.name)
+            finally:
+                if self._wake_answered is not None:
+                    self._wake_answered()
         self._stats.record_batch(n, t_fwd, _perf(), ts)
 
     def _run_direct(self, direct, sig, ins: list, cbs: list, ts: list) -> None:

@@ -8,8 +8,14 @@ Hot path design (every microsecond here is paid per request):
   the server has said it is sleeping, so a busy server costs clients nothing;
 * a blocking ``client(td)`` waits on a per-thread reusable lock instead of a
   ``Future`` (no Condition, no allocation per request);
-* answers are resolved one by one through the same ``set_result`` protocol
-  that ``concurrent.futures.Future`` offers.
+* blocked callers are woken in turn, not all at once: the server wakes the
+  first caller of a batch, and each caller wakes the next one as soon as it
+  runs (``_pass_turn``). Woken together, they would all fight for the GIL,
+  and each lost round is a sleep and a wake-up (~5-10 us of kernel time on a
+  VM): at 16 threads that was ~7 context switches per request, in turn it is
+  ~2, and throughput rose ~1.5x;
+* ``Future`` callbacks (``submit``) are resolved at once, through
+  ``set_result``.
 """
 from __future__ import annotations
 
@@ -29,15 +35,22 @@ _perf = time.perf_counter
 
 
 class _Waiter:
-    """A one-slot mailbox for one blocked thread; reused across that thread's calls."""
+    """A one-slot mailbox for one blocked thread; reused across that thread's calls.
 
-    __slots__ = ("lock", "result", "exc")
+    ``turn``: it was woken with the turn (see ``ThreadingTransport._pass_turn``)
+    and must pass it on. ``abandoned``: its caller gave up (timeout,
+    interrupt), so whoever wakes it passes the turn on instead.
+    """
+
+    __slots__ = ("lock", "result", "exc", "turn", "abandoned")
 
     def __init__(self):
         self.lock = allocate_lock()
         self.lock.acquire()  # held until an answer arrives
         self.result = None
         self.exc = None
+        self.turn = False
+        self.abandoned = False
 
     def set_result(self, result):
         self.result = result
@@ -77,6 +90,9 @@ class ThreadingTransport(InferenceTransport):
         self._room = threading.Semaphore(max_pending) if max_pending else None
         self._serve_in_caller = None  # the server's hook: run an idle server's batch on the caller's thread
         self._wake_at = 1  # a sleeping server wants waking once this many requests are queued
+        self._answered: list = []  # blocked callers answered in the batch being delivered
+        self._turns: deque = deque()  # answered blocked callers waiting for their turn to be woken
+        self._baton = allocate_lock()  # held by whoever must wake the next of _turns
 
     # -- actor side ------------------------------------------------------------
     def submit(self, td: TensorDictBase) -> Future:
@@ -180,12 +196,83 @@ class ThreadingTransport(InferenceTransport):
         return tds, cbs
 
     def resolve(self, callback, result) -> None:
-        try:
-            callback.set_result(result)
-        except InvalidStateError:  # cancelled by its caller: nobody to answer
-            pass
+        if type(callback) is _Waiter:
+            # A blocked client(td) call: woken in turn once the batch is answered (_wake_answered).
+            callback.result = result
+            self._answered.append(callback)
+        else:
+            try:
+                callback.set_result(result)
+            except InvalidStateError:  # cancelled by its caller: nobody to answer
+                pass
         if self._room is not None:
             self._room.release()
+
+    # -- waking blocked callers in turn ------------------------------------------
+    def _wake_answered(self) -> None:
+        """Server hook, after each delivered batch: queue its blocked callers for their turn.
+
+        Wakes the first one unless a turn is already going round (callers of
+        an earlier batch still waking each other): those go on into this
+        batch's callers, so at most about two threads want the GIL at once.
+        """
+        answered = self._answered
+        if answered:
+            self._answered = []
+            self._turns.extend(answered)
+        if self._baton.acquire(False):
+            self._pass_turn()
+
+    def _pass_turn(self) -> None:
+        """Holding the baton: wake the next caller in turn (the baton goes with it), or put it down."""
+        turns = self._turns
+        while True:
+            try:
+                w = turns.popleft()  # atomic under the GIL: each caller is woken exactly once
+            except IndexError:
+                try:
+                    self._baton.release()
+                except RuntimeError:  # released by _release_answered meanwhile
+                    pass
+                # callers queued after popleft() failed and before release(): nobody else will wake them
+                if turns and self._baton.acquire(False):
+                    continue
+                return
+            w.turn = True
+            w.lock.release()
+            # A caller that gave up never takes its turn: take it back, unless its own
+            # thread did (_abandon); the lock decides which of us goes on.
+            if not w.abandoned or not w.lock.acquire(False):
+                return
+            w.turn = False
+
+    def _abandon(self, w: _Waiter) -> None:
+        """A blocked caller leaves ``w`` for good (timeout, interrupt): pass on a turn it got."""
+        w.abandoned = True
+        if w.lock.acquire(False) and w.turn:
+            w.turn = False
+            self._pass_turn()
+
+    def _release_answered(self) -> None:
+        """Server hook, when it stops waiting for callers to come back: wake all still waiting for a turn.
+
+        The turn goes round only as fast as woken callers get to run, and a
+        caller interrupted between waking and passing it on would stop it:
+        this bounds both. Then the baton is put down, so the next batch starts
+        a fresh turn.
+        """
+        turns = self._turns
+        while True:
+            try:
+                w = turns.popleft()
+            except IndexError:
+                break
+            w.lock.release()
+        if self._baton.locked():
+            try:
+                self._baton.release()
+            except RuntimeError:
+                pass
 
     def resolve_exception(self, callback, exc: BaseException) -> None:
         try:
@@ -246,7 +333,11 @@ class ThreadingClient(InferenceClient):
             # Timed out, interrupted or refused: the answer may still arrive later,
             # so this mailbox must never serve another call.
             local.waiter = _Waiter()
+            tr._abandon(w)
             raise
+        if w.turn:  # woken in turn with other callers: wake the next one first
+            w.turn = False
+            tr._pass_turn()
         exc = w.exc
         if exc is not None:
             w.exc = None
