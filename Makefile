@@ -28,7 +28,8 @@ test-main: setup
 # Threads, processes and weight sync on tensordict 0.14.3 (no engines, no gym needed).
 TD014_TESTS = tests/test_threading_core.py tests/test_reliability.py tests/test_races.py \
 	tests/test_batching_policy.py tests/test_fastpath.py tests/test_weight_sync.py \
-	tests/test_weight_sync_mp.py tests/test_mp_transport.py tests/test_mp_reliability.py tests/test_wire_codec.py
+	tests/test_weight_sync_mp.py tests/test_mp_transport.py tests/test_mp_reliability.py tests/test_wire_codec.py \
+	tests/test_turns.py
 
 test-td014: .venv-td014/.installed
 	OMP_NUM_THREADS=1 .venv-td014/bin/python -m pytest -p no:cacheprovider $(TD014_TESTS)

@@ -227,3 +227,48 @@ def test_request_device_survives_the_fast_path():
     with InferenceServer(echo, tr):
         out = tr.client()(TensorDict(observation=torch.ones(2), device="cpu"))
     assert out.device == torch.device("cpu")
+
+
+def test_a_put_racing_shutdown_takes_back_its_own_request_only():
+    """Removing the racing request compares queue items: it must never compare TensorDicts."""
+    from concurrent.futures import Future
+
+    tr = ThreadingTransport()
+    earlier = [Future() for _ in range(2)]
+    for f in earlier:
+        tr._put(td(1), f, None)
+
+    class ClosingDeque(collections.deque):
+        def append(self, x):  # shutdown lands right after this request is queued
+            super().append(x)
+            tr._closed = True
+
+    tr._q = ClosingDeque(tr._q)
+    with pytest.raises(ServerClosedError):
+        tr._put(td(2), Future(), None)
+    assert [cb for cb, *_ in tr._q] == earlier
+
+
+def test_a_drain_racing_another_drain_keeps_what_it_took():
+    """Two drainers (a caller-run batch, the exiting loop): each item comes out exactly once."""
+    from concurrent.futures import Future
+
+    tr = ThreadingTransport()
+    futs = [Future() for _ in range(3)]
+    for f in futs:
+        tr._put(td(1), f, None)
+    stolen = []
+
+    class RacedDeque(collections.deque):
+        pops = 0
+
+        def popleft(self):
+            RacedDeque.pops += 1
+            if RacedDeque.pops == 2:  # the other drainer takes the last item meanwhile
+                stolen.append(super().popleft())
+            return super().popleft()
+
+    tr._q = RacedDeque(tr._q)
+    ins, cbs = tr.drain(64)
+    assert len(stolen) == 1 and len(cbs) == 2
+    assert set(map(id, cbs)) | {id(stolen[0][0])} == set(map(id, futs))

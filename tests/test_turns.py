@@ -158,3 +158,84 @@ def test_blocking_calls_and_futures_in_the_same_batches(threads):
         assert server.stats()["requests"] == threads * 100
     assert not bad
     assert not tr._turns and not tr._answered
+
+
+def _call_in_thread(client, v, timeout=None):
+    box = {}
+
+    def run():
+        try:
+            box["out"] = client(td(v), timeout=timeout)
+        except BaseException as e:
+            box["err"] = e
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t, box
+
+
+def test_a_caller_taken_off_the_turn_by_an_interrupted_thread_still_gets_its_answer():
+    """The waker pops the next caller, then a Ctrl-C lands before it releases it: nobody ever will."""
+    tr = ThreadingTransport()
+    real = tr._pass_turn
+    dropped = []
+
+    def interrupted_once():
+        if not dropped:
+            dropped.append(tr._turns.popleft())  # taken off the turn, never woken, baton still held
+            return
+        real()
+
+    tr._pass_turn = interrupted_once
+    with InferenceServer(echo, tr, run_in_caller=False):
+        client = tr.client()
+        t, box = _call_in_thread(client, 3)
+        t.join(5)
+        assert dropped and not t.is_alive(), "the caller was stranded"
+        assert torch.equal(box["out"]["action"], torch.full((2,), 30.0))
+        # the lost baton is taken over: later batches of several callers go round as usual
+        calls = [_call_in_thread(client, i, timeout=5) for i in range(8)]
+        for t, box in calls:
+            t.join(10)
+        assert all(torch.equal(b["out"]["action"], torch.full((2,), 10.0 * i)) for i, (_, b) in enumerate(calls))
+
+
+def test_a_lost_turn_is_taken_over_while_the_server_stays_busy():
+    """Batches of one keep coming (never 50 ms idle): blocked callers must not wait for a lost turn."""
+    tr = ThreadingTransport()
+    stop = threading.Event()
+    with InferenceServer(echo, tr, max_batch_size=8):
+        client = tr.client()
+
+        def busy():  # a Future every 10 ms: the server never idles the 50 ms after which it cleans up
+            while not stop.is_set():
+                client.submit(td(0)).result(5)
+                time.sleep(0.01)
+
+        b = threading.Thread(target=busy, daemon=True)
+        b.start()
+        tr._baton.acquire()  # lost by a caller interrupted between waking and passing it on
+        try:
+            for i in range(1, 6):
+                t0 = time.monotonic()
+                out = client(td(i), timeout=2)
+                assert time.monotonic() - t0 < 0.5
+                assert torch.equal(out["action"], torch.full((2,), 10.0 * i))
+        finally:
+            stop.set()
+            b.join(5)
+
+
+def test_a_subclass_answering_whole_batches_through_resolve_wakes_its_callers():
+    class WholeBatches(ThreadingTransport):
+        wants_rows = False
+
+        def resolve_batch(self, callbacks, out, rows):
+            for i, cb in enumerate(callbacks):
+                self.resolve(cb, out[i])
+
+    tr = WholeBatches()
+    with InferenceServer(echo, tr, policy_version_key=None):
+        client = tr.client()
+        assert torch.equal(client(td(4), timeout=3)["action"], torch.full((2,), 40.0))
+        assert torch.equal(client.submit(td(5)).result(3)["action"], torch.full((2,), 50.0))

@@ -314,6 +314,7 @@ class InferenceServer(CallerThreads):
                     # so request threads about to enqueue do so before the next drain.
                     time.sleep(0)
         except BaseException as e:  # the loop itself broke: never leave callers waiting
+            self._serving = False  # first: a caller must not start a batch while the loop exits
             self._died = e
             log.exception("%s: serving loop died", self.name)
         finally:
@@ -417,24 +418,24 @@ class InferenceServer(CallerThreads):
         self._forward_avg_s += (t_fwd - self._forward_avg_s) * 0.125  # smooth: one slow batch is no trend
         if self._answer_mark < 0 and self._pending_fn is not None:
             self._answer_mark = self._pending_fn()
-        if rows is None:  # self._whole_batches
-            try:
-                tr.resolve_batch(cbs, out, None)
-            except Exception:
-                # Contract: resolve_batch answers all rows or raises before answering any.
-                log.exception("%s: resolve_batch failed", self.name)
-                self._fail(cbs, ServerDeadError("the transport could not deliver this answer"))
-        else:
-            resolve = tr.resolve
-            try:
+        try:
+            if rows is None:  # self._whole_batches
+                try:
+                    tr.resolve_batch(cbs, out, None)
+                except Exception:
+                    # Contract: resolve_batch answers all rows or raises before answering any.
+                    log.exception("%s: resolve_batch failed", self.name)
+                    self._fail(cbs, ServerDeadError("the transport could not deliver this answer"))
+            else:
+                resolve = tr.resolve
                 for cb, row in zip(cbs, rows):
                     try:
                         resolve(cb, row)
                     except Exception:
                         log.exception("%s: could not deliver an answer", self.name)
-            finally:
-                if self._wake_answered is not None:
-                    self._wake_answered()
+        finally:
+            if self._wake_answered is not None:
+                self._wake_answered()  # blocked callers answered above (ThreadingTransport)
         self._stats.record_batch(n, t_fwd, _perf(), ts)
 
     def _run_direct(self, direct, sig, ins: list, cbs: list, ts: list) -> None:

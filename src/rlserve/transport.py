@@ -19,6 +19,11 @@ optional hooks the server uses when present:
   actor threads that resubmit at once): sleep until ``n`` requests are
   queued; after answering a batch the server waits, bounded, for those
   threads' next requests before its next forward;
+* ``_wake_answered()``, called after each delivered batch (whatever the
+  path: rows or ``resolve_batch``), and ``_release_answered()``, called when
+  the server stops waiting for its callers, goes idle, or exits:
+  ThreadingTransport's ``resolve`` parks blocked callers and these wake them
+  in turn (see ``transports/threading.py``);
 * ``_attach(server)`` (in-process transports only) may take
   ``server._caller_hook()``: ``None``, or a function a blocking caller's thread
   may call after queueing its request while the server sleeps; it runs that

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -63,8 +64,10 @@ def run_actor_threads(call, n_actors: int, seconds: float, make_obs=None, warmup
     time.sleep(warmup)
     measuring.set()
     t0 = time.perf_counter()
+    sw0 = _voluntary_switches()
     time.sleep(seconds)
     measuring.clear()
+    sw1 = _voluntary_switches()
     elapsed = time.perf_counter() - t0
     stop.set()
     for t in threads:
@@ -76,7 +79,14 @@ def run_actor_threads(call, n_actors: int, seconds: float, make_obs=None, warmup
         "req_s": sum(counts) / elapsed,
         "p50_us": pct(all_lat, 0.5) * 1e6,
         "p99_us": pct(all_lat, 0.99) * 1e6,
+        # a thread that blocks (lock, GIL) switches out: each costs a sleep and a wake-up
+        "switches": (sw1 - sw0) / max(1, sum(counts)),
     }
+
+
+def _voluntary_switches() -> int:
+    """Voluntary context switches of this process so far (all its threads)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_nvcsw
 
 
 def wait_idle(max_s: float = 60) -> None:

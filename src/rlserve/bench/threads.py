@@ -1,6 +1,8 @@
 """Actor threads against ThreadingTransport, next to direct calls, the wake-up floor and the batched limit.
 
 Also runs torchrl's ThreadingTransport server when torchrl is importable.
+``switches/req``: voluntary context switches of the whole process per request
+(a thread blocking on a lock or on the GIL), the main cost of a hand-over on a VM.
 """
 from __future__ import annotations
 
@@ -225,10 +227,11 @@ def main(argv=None) -> list[dict]:
             "p50 us": f"{statistics.median(r['p50_us'] for r in rs):.0f}",
             "p99 us": f"{statistics.median(r['p99_us'] for r in rs):.0f}",
             "batch": f"{statistics.median(r['batch'] for r in rs):.1f}",
+            "switches/req": f"{statistics.median(r.get('switches', float('nan')) for r in rs):.1f}",
             "_req_s": statistics.median(r["req_s"] for r in rs),
         })
     rows.sort(key=lambda r: (r["transport"] != "rlserve", r["transport"], r["actors"]))
-    print_table(rows, ["transport", "actors", "req/s", "p50 us", "p99 us", "batch"])
+    print_table(rows, ["transport", "actors", "req/s", "p50 us", "p99 us", "batch", "switches/req"])
     med = {(r["transport"], r["actors"]): r["_req_s"] for r in rows}
     for n in a.actors:
         if ("torchrl", n) in med:

@@ -32,6 +32,10 @@ from ..transport import LIVENESS_PERIOD_S, InferenceClient, InferenceTransport
 __all__ = ["ThreadingTransport", "ThreadingClient"]
 
 _perf = time.perf_counter
+# A turn that has not moved on for this long while callers wait for it is lost (its holder was
+# interrupted at the wrong bytecode): the next delivered batch takes it over. A live turn moves
+# every few tens of microseconds; this is above the GIL's switch interval (5 ms).
+_TURN_STUCK_S = 0.01
 
 
 class _Waiter:
@@ -93,6 +97,7 @@ class ThreadingTransport(InferenceTransport):
         self._answered: list = []  # blocked callers answered in the batch being delivered
         self._turns: deque = deque()  # answered blocked callers waiting for their turn to be woken
         self._baton = allocate_lock()  # held by whoever must wake the next of _turns
+        self._last_pass = 0.0  # when the turn last moved on (a turn stuck longer is taken over)
 
     # -- actor side ------------------------------------------------------------
     def submit(self, td: TensorDictBase) -> Future:
@@ -108,7 +113,9 @@ class ThreadingTransport(InferenceTransport):
             raise ServerClosedError("the inference server is shut down")
         if self._room is not None:
             self._take_room(deadline)
-        item = (td, callback, _perf())
+        # the callback first: remove() below compares items, and stops at the (unique) callback
+        # instead of comparing TensorDicts, which raises
+        item = (callback, td, _perf())
         self._q.append(item)
         if self._closed:  # shutdown raced us: it may have drained the queue for the last time
             try:
@@ -187,8 +194,14 @@ class ThreadingTransport(InferenceTransport):
         if n == 0:
             return [], [], []
         pop = q.popleft
-        items = [pop() for _ in range(n)]
-        tds, cbs, ts = zip(*items)
+        items = []
+        try:
+            for _ in range(n):
+                items.append(pop())
+        except IndexError:  # another thread drained meanwhile: keep what was taken
+            if not items:
+                return [], [], []
+        cbs, tds, ts = zip(*items)
         return list(tds), list(cbs), list(ts)
 
     def drain(self, max_items: int):
@@ -196,6 +209,9 @@ class ThreadingTransport(InferenceTransport):
         return tds, cbs
 
     def resolve(self, callback, result) -> None:
+        """Answer one caller. A blocked ``client(td)`` call is only woken by ``_wake_answered()``,
+        which the server calls once per delivered batch (a subclass answering outside the
+        server's ``_deliver`` must call it too)."""
         if type(callback) is _Waiter:
             # A blocked client(td) call: woken in turn once the batch is answered (_wake_answered).
             callback.result = result
@@ -220,8 +236,14 @@ class ThreadingTransport(InferenceTransport):
         if answered:
             self._answered = []
             self._turns.extend(answered)
-        if self._baton.acquire(False):
-            self._pass_turn()
+        if not self._baton.acquire(False):
+            if not self._turns or _perf() - self._last_pass < _TURN_STUCK_S:
+                return  # the turn going round will reach them
+            # Lost: its holder was interrupted between waking and passing it on.
+            self._release_answered()
+            if not self._baton.acquire(False):
+                return
+        self._pass_turn()
 
     def _pass_turn(self) -> None:
         """Holding the baton: wake the next caller in turn (the baton goes with it), or put it down."""
@@ -239,6 +261,7 @@ class ThreadingTransport(InferenceTransport):
                     continue
                 return
             w.turn = True
+            self._last_pass = _perf()
             w.lock.release()
             # A caller that gave up never takes its turn: take it back, unless its own
             # thread did (_abandon); the lock decides which of us goes on.
@@ -261,6 +284,10 @@ class ThreadingTransport(InferenceTransport):
         this bounds both. Then the baton is put down, so the next batch starts
         a fresh turn.
         """
+        answered = self._answered
+        if answered:  # answered through resolve() by a transport method that never woke them
+            self._answered = []
+            self._turns.extend(answered)
         turns = self._turns
         while True:
             try:
@@ -335,7 +362,7 @@ class ThreadingClient(InferenceClient):
             local.waiter = _Waiter()
             tr._abandon(w)
             raise
-        if w.turn:  # woken in turn with other callers: wake the next one first
+        if w.turn and not w.abandoned:  # woken in turn with other callers: wake the next one first
             w.turn = False
             tr._pass_turn()
         exc = w.exc
@@ -363,4 +390,10 @@ class ThreadingClient(InferenceClient):
                 if step <= 0:
                     raise TimeoutError(f"no answer from the inference server within {timeout} s")
             if w.lock.acquire(timeout=step):
+                return
+            if w.result is not None and w not in tr._turns and w not in tr._answered:
+                # Answered and taken off the turn by a thread interrupted before it woke us:
+                # nobody will. Retire this mailbox (a late waker sees it abandoned) and take it.
+                self._local.waiter = _Waiter()
+                tr._abandon(w)
                 return
