@@ -8,7 +8,7 @@ import torch
 from tensordict import TensorDict
 
 from rlserve import InferenceServer, ThreadingTransport
-from rlserve.transports.threading import _Waiter
+from rlserve.transports.threading import _TURN_MIN, _Waiter
 
 
 def td(v):
@@ -35,29 +35,38 @@ def answered_batch(tr: ThreadingTransport, n: int) -> list:
 
 def test_a_batch_wakes_its_blocked_callers_one_after_the_other():
     tr = ThreadingTransport()
-    ws = answered_batch(tr, 3)
+    n = _TURN_MIN
+    ws = answered_batch(tr, n)
     assert not any(w.lock.acquire(False) for w in ws)  # answering wakes nobody yet
     tr._wake_answered()
-    assert [woken(w) for w in ws] == [True, False, False]  # the first only
-    for i in range(1, 3):  # each woken caller wakes the next one, as ThreadingClient.__call__ does
+    assert [woken(w) for w in ws] == [True] + [False] * (n - 1)  # the first only
+    for i in range(1, n):  # each woken caller wakes the next one, as ThreadingClient.__call__ does
         assert ws[i - 1].turn and ws[i - 1].result == i - 1
         ws[i - 1].turn = False
         tr._pass_turn()
         assert woken(ws[i])
         assert all(w.lock.locked() for w in ws[i + 1:])  # not released: still waiting
-    ws[2].turn = False
+    ws[-1].turn = False
     tr._pass_turn()  # the last one puts the baton down: the next batch starts a fresh turn
+    assert not tr._baton.locked()
+
+
+def test_a_small_batch_wakes_its_callers_at_once():
+    tr = ThreadingTransport()
+    ws = answered_batch(tr, _TURN_MIN - 1)
+    tr._wake_answered()
+    assert all(woken(w) for w in ws) and not any(w.turn for w in ws)
     assert not tr._baton.locked()
 
 
 def test_a_later_batch_joins_the_turn_already_going_round():
     tr = ThreadingTransport()
-    first = answered_batch(tr, 2)
+    first = answered_batch(tr, _TURN_MIN)
     tr._wake_answered()
     assert woken(first[0])
-    second = answered_batch(tr, 2)
+    second = answered_batch(tr, _TURN_MIN)
     tr._wake_answered()  # the turn is still going round the first batch: nobody else is woken
-    assert not woken(first[1]) and not woken(second[0])
+    assert not any(woken(w) for w in first[1:] + second)
     order = first[1:] + second
     for prev, nxt in zip([first[0]] + order, order):
         prev.turn = False
@@ -67,7 +76,7 @@ def test_a_later_batch_joins_the_turn_already_going_round():
 
 def test_a_caller_that_gave_up_is_skipped():
     tr = ThreadingTransport()
-    ws = answered_batch(tr, 3)
+    ws = answered_batch(tr, _TURN_MIN)
     ws[0].abandoned = True  # timed out before its answer came
     tr._wake_answered()
     assert woken(ws[1]) and not woken(ws[2])  # its turn went to the next caller at once
@@ -75,7 +84,7 @@ def test_a_caller_that_gave_up_is_skipped():
 
 def test_a_caller_that_gives_up_just_as_its_turn_comes_passes_it_on():
     tr = ThreadingTransport()
-    ws = answered_batch(tr, 2)
+    ws = answered_batch(tr, _TURN_MIN)
     tr._wake_answered()  # ws[0] is woken, but its caller leaves before taking its answer
     tr._abandon(ws[0])
     assert woken(ws[1])
@@ -90,7 +99,7 @@ def test_timed_out_caller_first_in_a_batch_does_not_strand_the_others():
         time.sleep(0.6)  # the first caller's timeout expires during the forward
         return echo(batch)
 
-    with InferenceServer(slow, tr, max_batch_size=8, min_batch_size=3, timeout=5.0):
+    with InferenceServer(slow, tr, max_batch_size=8, min_batch_size=_TURN_MIN, timeout=5.0):
         client = tr.client()
         got, errors = {}, []
 
@@ -103,11 +112,11 @@ def test_timed_out_caller_first_in_a_batch_does_not_strand_the_others():
         first = threading.Thread(target=call, args=(0, 0.2))
         first.start()
         time.sleep(0.05)  # queued first: first in the batch, first in turn
-        rest = [threading.Thread(target=call, args=(i, 5.0)) for i in (1, 2)]
+        rest = [threading.Thread(target=call, args=(i, 5.0)) for i in range(1, _TURN_MIN)]
         [t.start() for t in rest]
         [t.join(10) for t in [first, *rest]]
     assert [i for i, e in errors] == [0] and isinstance(errors[0][1], TimeoutError)
-    for i in (1, 2):
+    for i in range(1, _TURN_MIN):
         assert torch.equal(got[i]["action"], torch.full((2,), 10.0 * i))
 
 
@@ -187,43 +196,37 @@ def test_a_caller_taken_off_the_turn_by_an_interrupted_thread_still_gets_its_ans
         real()
 
     tr._pass_turn = interrupted_once
-    with InferenceServer(echo, tr, run_in_caller=False):
+    # one batch of _TURN_MIN blocked callers: woken in turn
+    with InferenceServer(echo, tr, min_batch_size=_TURN_MIN, timeout=5.0, run_in_caller=False):
         client = tr.client()
-        t, box = _call_in_thread(client, 3)
-        t.join(5)
-        assert dropped and not t.is_alive(), "the caller was stranded"
-        assert torch.equal(box["out"]["action"], torch.full((2,), 30.0))
-        # the lost baton is taken over: later batches of several callers go round as usual
-        calls = [_call_in_thread(client, i, timeout=5) for i in range(8)]
-        for t, box in calls:
-            t.join(10)
-        assert all(torch.equal(b["out"]["action"], torch.full((2,), 10.0 * i)) for i, (_, b) in enumerate(calls))
+        for rnd in range(2):  # the second round: the lost baton was taken over, turns go round again
+            calls = [_call_in_thread(client, 10 * rnd + i) for i in range(_TURN_MIN)]
+            for t, _ in calls:
+                t.join(5)
+            assert dropped and not any(t.is_alive() for t, _ in calls), "a caller was stranded"
+            for i, (_, box) in enumerate(calls):
+                assert torch.equal(box["out"]["action"], torch.full((2,), 10.0 * (10 * rnd + i)))
+        assert len(dropped) == 1
 
 
-def test_a_lost_turn_is_taken_over_while_the_server_stays_busy():
-    """Batches of one keep coming (never 50 ms idle): blocked callers must not wait for a lost turn."""
+def test_a_lost_turn_is_taken_over_by_the_next_batch():
+    """Its holder was interrupted between waking and passing it on: the next delivery takes over."""
+    from rlserve.transports import threading as T
+
     tr = ThreadingTransport()
-    stop = threading.Event()
-    with InferenceServer(echo, tr, max_batch_size=8):
-        client = tr.client()
-
-        def busy():  # a Future every 10 ms: the server never idles the 50 ms after which it cleans up
-            while not stop.is_set():
-                client.submit(td(0)).result(5)
-                time.sleep(0.01)
-
-        b = threading.Thread(target=busy, daemon=True)
-        b.start()
-        tr._baton.acquire()  # lost by a caller interrupted between waking and passing it on
-        try:
-            for i in range(1, 6):
-                t0 = time.monotonic()
-                out = client(td(i), timeout=2)
-                assert time.monotonic() - t0 < 0.5
-                assert torch.equal(out["action"], torch.full((2,), 10.0 * i))
-        finally:
-            stop.set()
-            b.join(5)
+    stale = answered_batch(tr, _TURN_MIN)
+    tr._wake_answered()
+    assert woken(stale[0])  # ...and its thread dies with the turn: stale[1:] wait forever
+    fresh = answered_batch(tr, _TURN_MIN)
+    tr._wake_answered()  # the turn moved on a moment ago: it may still be going round
+    assert not any(woken(w) for w in stale[1:] + fresh)
+    tr._last_pass -= 2 * T._TURN_STUCK_S  # no move for longer than a live turn ever takes
+    newer = answered_batch(tr, _TURN_MIN)
+    tr._wake_answered()
+    assert all(woken(w) for w in stale[1:] + fresh + newer)  # taken over: all woken at once
+    after = answered_batch(tr, _TURN_MIN)
+    tr._wake_answered()
+    assert woken(after[0]) and not any(woken(w) for w in after[1:])  # and turns go round again
 
 
 def test_a_subclass_answering_whole_batches_through_resolve_wakes_its_callers():
