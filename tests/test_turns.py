@@ -242,3 +242,18 @@ def test_a_subclass_answering_whole_batches_through_resolve_wakes_its_callers():
         client = tr.client()
         assert torch.equal(client(td(4), timeout=3)["action"], torch.full((2,), 40.0))
         assert torch.equal(client.submit(td(5)).result(3)["action"], torch.full((2,), 50.0))
+
+
+def test_a_lost_turn_is_taken_over_by_a_small_batch_too():
+    """Batches too small to go in turn still notice a lost turn (else only 50 ms idle would)."""
+    from rlserve.transports import threading as T
+
+    tr = ThreadingTransport()
+    stale = answered_batch(tr, _TURN_MIN)
+    tr._wake_answered()
+    assert woken(stale[0])  # its thread dies with the turn
+    tr._last_pass -= 2 * T._TURN_STUCK_S
+    small = answered_batch(tr, 1)
+    tr._wake_answered()
+    assert all(woken(w) for w in stale[1:] + small)
+    assert not tr._baton.locked()

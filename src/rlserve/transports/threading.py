@@ -231,25 +231,27 @@ class ThreadingTransport(InferenceTransport):
     def _wake_answered(self) -> None:
         """Server hook, after each delivered batch: queue its blocked callers for their turn.
 
-        (Fewer than ``_TURN_MIN`` are all woken at once.) Wakes the first one unless a turn is already going round (callers of
+        Wakes the first one unless a turn is already going round (callers of
         an earlier batch still waking each other): those go on into this
         batch's callers, so at most about two threads want the GIL at once.
+        Fewer than ``_TURN_MIN`` callers are all woken at once.
         """
         answered = self._answered
         if answered:
             self._answered = []
             if len(answered) < _TURN_MIN:
-                for w in answered:  # too few to fight much over the GIL: all at once, no serial wake-ups
+                for w in answered:  # too few to fight much over the GIL: no serial wake-ups
                     w.lock.release()
-                return
-            self._turns.extend(answered)
-        if not self._baton.acquire(False):
-            if not self._turns or _perf() - self._last_pass < _TURN_STUCK_S:
-                return  # the turn going round will reach them
-            # Lost: its holder was interrupted between waking and passing it on. Wake everyone
-            # waiting (this batch too) and put the baton down: the next batch starts afresh.
-            self._release_answered()
+            else:
+                self._turns.extend(answered)
+        if not self._turns:
             return
+        if not self._baton.acquire(False):
+            if self._turns and _perf() - self._last_pass >= _TURN_STUCK_S:
+                # Lost: its holder was interrupted between waking and passing it on. Wake
+                # everyone waiting and put the baton down: the next batch starts afresh.
+                self._release_answered()
+            return  # else the turn going round reaches them
         self._pass_turn()
 
     def _pass_turn(self) -> None:
