@@ -257,3 +257,56 @@ def test_a_lost_turn_is_taken_over_by_a_small_batch_too():
     tr._wake_answered()
     assert all(woken(w) for w in stale[1:] + small)
     assert not tr._baton.locked()
+
+
+def test_an_interrupt_while_a_timed_out_call_retires_its_mailbox_never_reuses_it():
+    """Ctrl-C lands in the first Python call the timeout's handler makes: the mailbox must already be gone.
+
+    Else the next call would reuse it while the timed-out request is still queued: two answers
+    for one lock (the server dies on the second release, or the next call gets the old answer).
+    """
+    import sys
+
+    from rlserve.transports import threading as T
+
+    def slow(batch):
+        time.sleep(0.3)
+        return echo(batch)
+
+    tr = ThreadingTransport()
+    with InferenceServer(slow, tr, max_batch_size=8) as server:
+        client = tr.client()
+        client(td(0))  # this thread's mailbox exists
+        busy = client.submit(td(0))  # the server is busy 0.3 s: the next call times out, still queued
+        time.sleep(0.05)
+        state = {"timed_out": False, "fired": False}
+        call_code = T.ThreadingClient.__call__.__code__
+
+        def tracer(frame, event, arg):
+            if frame.f_code is call_code:
+                def local(f, ev, a):
+                    if ev == "exception" and isinstance(a[1], TimeoutError):
+                        state["timed_out"] = True
+                    return local
+                return local
+            if state["timed_out"] and not state["fired"] and frame.f_back is not None \
+                    and frame.f_back.f_code is call_code:
+                state["fired"] = True
+                raise KeyboardInterrupt("Ctrl-C while retiring the mailbox")
+            return None
+
+        mailbox = client._local.waiter
+        sys.settrace(tracer)
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                client(td(1), timeout=0.05)
+        finally:
+            sys.settrace(None)
+        assert state["fired"]
+        assert getattr(client._local, "waiter", None) is not mailbox  # retired, interrupt or not
+        out = client(td(2), timeout=3)
+        assert torch.equal(out["action"], torch.full((2,), 20.0))  # its own answer, not call 1's
+        busy.result(3)
+        time.sleep(0.4)  # call 1's late answer arrives meanwhile
+        assert server.is_alive and server._died is None
+        assert torch.equal(client(td(3), timeout=3)["action"], torch.full((2,), 30.0))

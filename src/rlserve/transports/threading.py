@@ -68,6 +68,16 @@ class _Waiter:
         self.lock.release()
 
 
+def _release(w: _Waiter) -> bool:
+    """Wake ``w``'s caller; False if its lock was free already (a mailbox left behind by an
+    interrupt at the wrong moment): never an exception into the serving loop."""
+    try:
+        w.lock.release()
+        return True
+    except RuntimeError:
+        return False
+
+
 class ThreadingTransport(InferenceTransport):
     """In-process transport for actor threads.
 
@@ -241,7 +251,7 @@ class ThreadingTransport(InferenceTransport):
             self._answered = []
             if len(answered) < _TURN_MIN:
                 for w in answered:  # too few to fight much over the GIL: no serial wake-ups
-                    w.lock.release()
+                    _release(w)
             else:
                 self._turns.extend(answered)
         if not self._turns:
@@ -271,7 +281,8 @@ class ThreadingTransport(InferenceTransport):
                 return
             w.turn = True
             self._last_pass = _perf()
-            w.lock.release()
+            if not _release(w):
+                continue
             # A caller that gave up never takes its turn: take it back, unless its own
             # thread did (_abandon); the lock decides which of us goes on.
             if not w.abandoned or not w.lock.acquire(False):
@@ -303,7 +314,7 @@ class ThreadingTransport(InferenceTransport):
                 w = turns.popleft()
             except IndexError:
                 break
-            w.lock.release()
+            _release(w)
         if self._baton.locked():
             try:
                 self._baton.release()
@@ -349,6 +360,8 @@ class ThreadingClient(InferenceClient):
             w = local.waiter
         except AttributeError:
             w = local.waiter = _Waiter()
+        w.result = w.exc = None  # nothing stale from a call an interrupt cut short
+        w.turn = False
         if timeout is None:
             deadline = None
             step = LIVENESS_PERIOD_S
@@ -367,8 +380,13 @@ class ThreadingClient(InferenceClient):
                 self._slow_wait(w, deadline, timeout)
         except BaseException:
             # Timed out, interrupted or refused: the answer may still arrive later,
-            # so this mailbox must never serve another call.
-            local.waiter = _Waiter()
+            # so this mailbox must never serve another call: the next makes a fresh one.
+            # A bare deletion first: no Python call, so no point where a signal can land
+            # and leave this mailbox in place (two answers for one lock).
+            try:
+                del local.waiter
+            except AttributeError:  # already retired by _slow_wait
+                pass
             tr._abandon(w)
             raise
         if w.turn and not w.abandoned:  # woken in turn with other callers: wake the next one first
@@ -403,6 +421,9 @@ class ThreadingClient(InferenceClient):
             if w.result is not None and w not in tr._turns and w not in tr._answered:
                 # Answered and taken off the turn by a thread interrupted before it woke us:
                 # nobody will. Retire this mailbox (a late waker sees it abandoned) and take it.
-                self._local.waiter = _Waiter()
+                try:
+                    del self._local.waiter  # retired first, as in __call__
+                except AttributeError:
+                    pass
                 tr._abandon(w)
                 return
