@@ -4,32 +4,20 @@ import time
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest
-import torch
-import torch.nn as nn
-from mp_helpers import rlserve_shm
-from tensordict.nn import TensorDictModule
+from helpers import doubler as make_doubler
+from helpers import rlserve_shm, seed_policy, track_transport_tokens
+
+track_transport_tokens()
 
 
 @pytest.fixture
 def policy():
-    torch.manual_seed(0)
-    return TensorDictModule(
-        nn.Sequential(nn.Linear(8, 64), nn.ReLU(), nn.Linear(64, 4)),
-        in_keys=["observation"],
-        out_keys=["action"],
-    )
-
-
-class Doubler(nn.Module):
-    """action = 2 * observation: any shape, so routing and grouping are visible."""
-
-    def forward(self, obs):
-        return obs * 2
+    return seed_policy()
 
 
 @pytest.fixture
 def doubler():
-    return TensorDictModule(Doubler(), in_keys=["observation"], out_keys=["action"])
+    return make_doubler()
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -39,3 +27,20 @@ def no_shm_leftovers():
     yield
     time.sleep(0.2)
     assert rlserve_shm() - before == set(), "rlserve shared-memory segments left in /dev/shm"
+
+
+_RAY_STARTED = []
+
+
+@pytest.fixture
+def ray_local(request):
+    """A local Ray instance on loopback, started once and shared by the tests that need one."""
+    ray = pytest.importorskip("ray")
+    if not ray.is_initialized():
+        from helpers import start_local_ray
+
+        start_local_ray()
+        if not _RAY_STARTED:
+            _RAY_STARTED.append(True)
+            request.session.addfinalizer(lambda: ray.shutdown() if ray.is_initialized() else None)
+    return ray

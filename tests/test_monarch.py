@@ -16,7 +16,7 @@ pytest.importorskip("monarch.actor")
 from monarch.actor import Actor, endpoint, this_host  # noqa: E402
 
 from rlserve import InferenceServer, MonarchTransport, RequestError, ServerClosedError, ServerDeadError  # noqa: E402
-from rlserve.bench.common import seed_policy  # noqa: E402
+from helpers import seed_policy  # noqa: E402
 from remote_probes import check_idle_batches_run_on_the_calling_thread, exit_payload, slow_thread_probe  # noqa: E402
 
 

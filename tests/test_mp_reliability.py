@@ -13,12 +13,8 @@ from tensordict import TensorDict
 from tensordict.nn import TensorDictModule
 
 from rlserve import InferenceServer, MPTransport, ProcessServer, ServerClosedError, ServerDeadError
-from rlserve.bench.common import seed_policy
-from mp_helpers import Slow, rlserve_shm as _shm
-
-
-def slow_doubler(sleep):
-    return TensorDictModule(Slow(sleep), in_keys=["observation"], out_keys=["action"])
+from helpers import rlserve_shm as _shm
+from helpers import seed_policy, slow_doubler, track_token
 
 
 def _loop_actor(client, q):
@@ -330,6 +326,7 @@ def test_files_of_large_requests_are_removed_when_the_server_process_dies():
     host.start()
     try:
         token = q.get(timeout=30)
+        track_token(token)  # the transport was made in the server process
         c = MPClient({"token": token, "block_when_full": True})
         c(_td(1), timeout=30)
         busy = c.submit(_td(-1))

@@ -11,13 +11,8 @@ from tensordict import NonTensorData, TensorDict
 from tensordict.nn import TensorDictModule
 
 from rlserve import InferenceServer, MPTransport, QueueFullError, RequestError, ServerClosedError
-from rlserve.bench.common import seed_policy
-from mp_helpers import Slow, rlserve_shm as _shm
-
-
-class Doubler(nn.Module):
-    def forward(self, x):
-        return x * 2
+from helpers import Doubler, Slow, seed_policy
+from helpers import rlserve_shm as _shm
 
 
 def doubler(sleep=0.0):
@@ -309,8 +304,8 @@ def test_answers_are_copies_not_views_of_shared_memory():
         assert torch.equal(second["action"], torch.full((8,), 4.0))
         assert torch.equal(third["action"], torch.full((8,), 6.0))
         bank = c._resp_bank  # white-box: where the shared answer rows live
-        lo = min(t.data_ptr() for t in bank.tensors + [bank.version])
-        hi = max(t.data_ptr() + t.numel() * t.element_size() for t in bank.tensors + [bank.version])
+        lo = min(t.data_ptr() for t in bank.tensors)
+        hi = max(t.data_ptr() + t.numel() * t.element_size() for t in bank.tensors)
         for out in (first, second, third):
             for v in out.values(True, True):
                 assert not lo <= v.data_ptr() < hi, "an answer aliases the shared-memory bank"

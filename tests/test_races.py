@@ -199,7 +199,7 @@ def test_refused_start_changes_nothing():
         with pytest.raises(RuntimeError, match="already served"):
             refused.start()
         with pytest.raises(ServerClosedError, match="not started"):
-            refused._raise_if_not_serving()
+            refused.raise_if_not_serving()
         assert torch.equal(tr.client()(td(1))["action"], torch.full((2,), 10.0))  # the first still serves
 
 

@@ -14,21 +14,18 @@ ray = pytest.importorskip("ray")
 from rlserve import InferenceServer, RequestError, ServerClosedError, ServerDeadError  # noqa: E402
 from rlserve import RayTransport, RayWeightSyncScheme  # noqa: E402
 
+import helpers  # noqa: E402
 import remote_probes  # noqa: E402
 from remote_probes import check_idle_batches_run_on_the_calling_thread, exit_payload  # noqa: E402
 
 # Ray workers cannot import the test modules: ship their functions and classes by value.
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 ray.cloudpickle.register_pickle_by_value(remote_probes)
+ray.cloudpickle.register_pickle_by_value(helpers)
 
 
-class Doubler(nn.Module):
-    def forward(self, obs):
-        return obs * 2
-
-
-def make_doubler():
-    return TensorDictModule(Doubler(), in_keys=["observation"], out_keys=["action"])
+from helpers import Doubler  # noqa: E402
+from helpers import doubler as make_doubler  # noqa: E402
 
 
 def make_affine():
@@ -232,7 +229,7 @@ def test_bad_input_fails_only_its_sender(doubler, callers):
 
 
 def test_model_error_for_one_layout_fails_only_that_caller(callers):
-    from rlserve.bench.common import seed_policy
+    from helpers import seed_policy
 
     with RayTransport(seed_policy, server_kwargs={"max_batch_size": 8}) as tr:
         client = tr.client()

@@ -9,7 +9,7 @@ ray = pytest.importorskip("ray")
 from ray.cluster_utils import Cluster  # noqa: E402
 
 from rlserve import RayTransport  # noqa: E402
-from rlserve.bench.common import seed_policy  # noqa: E402
+from helpers import seed_policy  # noqa: E402
 
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 

@@ -204,7 +204,7 @@ def test_shutdown_waits_for_a_batch_running_on_a_caller_thread():
     probe = Probe(delay=0.3)
 
     class Recorder(NoWeightSyncScheme):
-        def _close_receiver(self):
+        def close_receiver(self):
             probe.events.append("receiver closed")
 
     transport = ThreadingTransport()

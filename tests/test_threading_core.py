@@ -155,12 +155,11 @@ def test_server_lets_answered_threads_resubmit_before_the_next_forward(policy, m
     """After answering N actor threads the server waits (bounded) for their next requests."""
     import time
 
-    import rlserve._caller_threads as S
+    import rlserve.transports.threading as T
 
-    monkeypatch.setattr(S, "_RETURN_SLICE_S", 0.1)
-    monkeypatch.setattr(S, "_RETURN_PER_CALLER_S", 0.5)  # cap: 1.5 s for 3 callers
-    transport = ThreadingTransport()
-    server = InferenceServer(policy, transport)  # not started: the step is called directly
+    monkeypatch.setattr(T, "_RETURN_SLICE_S", 0.1)
+    monkeypatch.setattr(T, "_RETURN_PER_CALLER_S", 0.5)  # cap: 1.5 s for 3 callers
+    transport = ThreadingTransport()  # no server: the transport's step is called directly
 
     def feed(k):
         for _ in range(k):
@@ -171,8 +170,8 @@ def test_server_lets_answered_threads_resubmit_before_the_next_forward(policy, m
         t = threading.Thread(target=feed, args=(k_back,))
         t0 = time.monotonic()
         t.start()
-        server._let_callers_return(transport._wait_for_count, transport._pending, 3)
-        waited, queued = time.monotonic() - t0, transport._pending()
+        transport.on_batch_done(3)
+        waited, queued = time.monotonic() - t0, transport.pending()
         t.join(5)
         transport.drain(10)
         return waited, queued
@@ -187,16 +186,15 @@ def test_server_does_not_wait_for_requests_max_pending_cannot_admit(policy, monk
     """With max_pending reached no answered thread can resubmit: no wait, the next forward runs at once."""
     import time
 
-    import rlserve._caller_threads as S
+    import rlserve.transports.threading as T
 
-    monkeypatch.setattr(S, "_RETURN_SLICE_S", 0.5)
-    monkeypatch.setattr(S, "_RETURN_PER_CALLER_S", 0.5)
-    transport = ThreadingTransport(max_pending=2)
-    server = InferenceServer(policy, transport)  # not started: the step is called directly
+    monkeypatch.setattr(T, "_RETURN_SLICE_S", 0.5)
+    monkeypatch.setattr(T, "_RETURN_PER_CALLER_S", 0.5)
+    transport = ThreadingTransport(max_pending=2)  # no server: the transport's step is called directly
     for _ in range(2):  # queued while the last batch ran (answering it freed their room)
         transport._put(TensorDict(observation=torch.randn(8)), concurrent.futures.Future(), None)
     t0 = time.monotonic()
-    server._let_callers_return(transport._wait_for_count, transport._pending, 2)
+    transport.on_batch_done(2)
     waited = time.monotonic() - t0
     transport.drain(10)
     assert waited < 0.25, f"slept {waited:.2f} s for requests max_pending=2 could never admit"
@@ -206,10 +204,10 @@ def test_callers_back_before_the_batch_was_fully_answered_count_as_back(policy, 
     """Requests resubmitted while the batch was being answered (here by done-callbacks) are not waited for twice."""
     import time
 
-    import rlserve._caller_threads as S
+    import rlserve.transports.threading as T
 
-    monkeypatch.setattr(S, "_RETURN_SLICE_S", 0.1)
-    monkeypatch.setattr(S, "_RETURN_PER_CALLER_S", 0.5)
+    monkeypatch.setattr(T, "_RETURN_SLICE_S", 0.1)
+    monkeypatch.setattr(T, "_RETURN_PER_CALLER_S", 0.5)
     transport = ThreadingTransport()
     chains, rounds = 4, 10
     left = [chains * rounds]

@@ -8,7 +8,8 @@ import torch
 from tensordict import TensorDict
 
 from rlserve import InferenceServer, ThreadingTransport
-from rlserve.transports.threading import _TURN_MIN, _Waiter
+from rlserve.transports._turns import _TURN_MIN
+from rlserve.transports._turns import Waiter as _Waiter
 
 
 def td(v):
@@ -29,7 +30,7 @@ def answered_batch(tr: ThreadingTransport, n: int) -> list:
     """``n`` waiters answered by one batch, as the server leaves them before waking any."""
     ws = [_Waiter() for _ in range(n)]
     for i, w in enumerate(ws):
-        tr.resolve(w, i)
+        tr._park(w, i)
     return ws
 
 
@@ -93,7 +94,7 @@ def test_a_caller_that_gives_up_just_as_its_turn_comes_passes_it_on():
 def test_timed_out_caller_first_in_a_batch_does_not_strand_the_others():
     """End to end, with the server's fallback switched off: the turn itself must get past the quitter."""
     tr = ThreadingTransport()
-    tr._release_answered = lambda: None  # the server looks its hooks up when it is created
+    tr._release_answered = lambda: None  # the fallbacks that would wake everyone: off
 
     def slow(batch):
         time.sleep(0.6)  # the first caller's timeout expires during the forward
@@ -211,7 +212,7 @@ def test_a_caller_taken_off_the_turn_by_an_interrupted_thread_still_gets_its_ans
 
 def test_a_lost_turn_is_taken_over_by_the_next_batch():
     """Its holder was interrupted between waking and passing it on: the next delivery takes over."""
-    from rlserve.transports import threading as T
+    from rlserve.transports import _turns as T
 
     tr = ThreadingTransport()
     stale = answered_batch(tr, _TURN_MIN)
@@ -230,10 +231,12 @@ def test_a_lost_turn_is_taken_over_by_the_next_batch():
 
 
 def test_a_subclass_answering_whole_batches_through_resolve_wakes_its_callers():
-    class WholeBatches(ThreadingTransport):
-        wants_rows = False
+    from rlserve import TransportCapabilities
 
-        def resolve_batch(self, callbacks, out, rows):
+    class WholeBatches(ThreadingTransport):
+        capabilities = TransportCapabilities(whole_batches=True)
+
+        def resolve_batch(self, callbacks, out, version):
             for i, cb in enumerate(callbacks):
                 self.resolve(cb, out[i])
 
@@ -246,7 +249,7 @@ def test_a_subclass_answering_whole_batches_through_resolve_wakes_its_callers():
 
 def test_a_lost_turn_is_taken_over_by_a_small_batch_too():
     """Batches too small to go in turn still notice a lost turn (else only 50 ms idle would)."""
-    from rlserve.transports import threading as T
+    from rlserve.transports import _turns as T
 
     tr = ThreadingTransport()
     stale = answered_batch(tr, _TURN_MIN)
@@ -308,5 +311,5 @@ def test_an_interrupt_while_a_timed_out_call_retires_its_mailbox_never_reuses_it
         assert torch.equal(out["action"], torch.full((2,), 20.0))  # its own answer, not call 1's
         busy.result(3)
         time.sleep(0.4)  # call 1's late answer arrives meanwhile
-        assert server.is_alive and server._died is None
+        assert server.is_alive
         assert torch.equal(client(td(3), timeout=3)["action"], torch.full((2,), 30.0))

@@ -81,15 +81,16 @@ def test_malformed_payloads_are_request_errors(payload, says):
         decode_td(payload)
 
 
-def test_answer_rows_carry_each_row_and_the_version():
+def test_answer_rows_carry_each_row():
     out = TensorDict(
         observation=torch.randn(5, 8),
         action=torch.randn(5, 4).to(torch.bfloat16),
         done=torch.tensor([True, False, True, False, True]),
         grid=torch.arange(5 * 6, dtype=torch.int64).reshape(5, 2, 3),
+        policy_version=torch.full((5,), 7),
         batch_size=[5],
     )
-    rows = encode_rows(out, 5, "policy_version", 7)
+    rows = encode_rows(out)
     assert len(rows) == 5 and all(type(r) is bytes for r in rows)
     for i, r in enumerate(rows):
         got = unwrap_reply(r)
@@ -97,15 +98,12 @@ def test_answer_rows_carry_each_row_and_the_version():
         assert got["policy_version"].dtype == torch.int64 and got["policy_version"].item() == 7
         for k in ("observation", "action", "done", "grid"):
             assert torch.equal(got[k], out[k][i]), k
-    assert "policy_version" not in unwrap_reply(encode_rows(out, 5, None, 7)[0]).keys()
 
 
-def test_answer_rows_follow_a_new_version_and_row_shape():
-    out = TensorDict(a=torch.zeros(2, 3), batch_size=[2, 3])
-    first = unwrap_reply(encode_rows(out, 2, "v", 1)[1])
-    second = unwrap_reply(encode_rows(out, 2, "v", 2)[1])
-    assert first["v"].shape == (3,) and (first["v"] == 1).all()
-    assert (second["v"] == 2).all()  # the cached stamp is not reused across versions
+def test_answer_rows_keep_the_row_batch_size():
+    out = TensorDict(a=torch.arange(6.0).reshape(2, 3), v=torch.full((2, 3), 4), batch_size=[2, 3])
+    second = unwrap_reply(encode_rows(out)[1])
+    assert second.batch_size == (3,) and torch.equal(second["a"], out["a"][1]) and (second["v"] == 4).all()
 
 
 def test_header_caches_stay_bounded(monkeypatch):
@@ -124,7 +122,7 @@ def test_bfloat16_leaves_with_one_element_and_any_stride():
     logits = torch.randn(1, 3).to(torch.bfloat16)
     td = TensorDict(first=logits[:, 0], scalar=torch.tensor(2.5, dtype=torch.bfloat16).expand(1), batch_size=[1])
     _same(decode_td(encode_td(td)), td)
-    row = unwrap_reply(encode_rows(td, 1, "v", 3)[0])
+    row = unwrap_reply(encode_rows(td)[0])
     assert torch.equal(row["first"], logits[0, 0]) and row["scalar"].item() == 2.5
 
 
@@ -142,7 +140,7 @@ def test_conjugate_negative_and_sparse_leaves_still_travel():
         got = decode_td(encode_td(td))
         assert torch.equal(got["x"].resolve_conj().resolve_neg().to_dense(),
                            td["x"].resolve_conj().resolve_neg().to_dense()), name
-        rows = encode_rows(td, 2, "v", 1)
+        rows = encode_rows(td)
         for i, r in enumerate(rows):
             assert torch.equal(unwrap_reply(r)["x"].resolve_conj().resolve_neg().to_dense(),
                                td["x"][i].resolve_conj().resolve_neg().to_dense()), name

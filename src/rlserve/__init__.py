@@ -9,7 +9,7 @@ from importlib import import_module
 from .errors import QueueFullError, RequestError, RLServeError, ServerClosedError, ServerDeadError
 from .server import InferenceServer
 from .stats import format_stats
-from .transport import InferenceClient, InferenceTransport
+from .transport import InferenceClient, InferenceTransport, ServerHandle, TransportCapabilities
 from .transports.threading import ThreadingTransport
 from .weight_sync import WeightSyncScheme
 
@@ -32,6 +32,8 @@ __all__ = [
     "InferenceServer",
     "InferenceClient",
     "InferenceTransport",
+    "TransportCapabilities",
+    "ServerHandle",
     "ThreadingTransport",
     "WeightSyncScheme",
     "RLServeError",

@@ -12,7 +12,10 @@ import torch
 from ._td import TensorDict, TensorDictBase, flat_leaves, new_td
 from .errors import RequestError
 
-__all__ = ["group_by_signature", "stack_group", "split_rows", "describe_signature", "explain_failure", "signature_device"]
+__all__ = [
+    "group_by_signature", "stack_group", "stack_leaves", "batched_output", "split_rows", "split_leaves",
+    "describe_signature", "explain_failure", "signature_device", "is_fast",
+]
 
 _FAST = "fast"
 _GENERAL = "general"
@@ -81,27 +84,23 @@ def stack_leaves(tds: list) -> dict:
     return src
 
 
-def batch_td(sig: tuple, src: dict, n: int) -> TensorDict:
-    """The batch TensorDict around stacked leaves of signature ``sig``."""
-    return new_td(src, torch.Size([n, *sig[1]]), sig[2])
-
-
 def stack_group(sig: tuple, tds: list) -> TensorDictBase:
     """Stack requests that share ``sig`` into one batch along a new leading dim."""
     if sig[0] == _FAST:
-        return batch_td(sig, stack_leaves(tds), len(tds))
+        return new_td(stack_leaves(tds), torch.Size([len(tds), *sig[1]]), sig[2])
     return torch.stack(tds)  # copies: the batch never aliases a request
 
 
-def split_rows(out, n: int, version_key, version: int) -> list:
-    """Split a batched output into ``n`` row TensorDicts, stamping the version.
+def batched_output(out, n: int) -> TensorDictBase:
+    """The model's output, checked to be a TensorDict with leading batch dimension ``n``.
 
-    Rows are views of the batch output, never of the callers' requests.
+    A TensorDict with no batch size whose leaves all lead with ``n`` (e.g.
+    from ``TensorDictModule(inplace=False)``) gets ``batch_size=[n]``.
     """
     if not isinstance(out, TensorDictBase):
         raise TypeError(f"the model returned {type(out).__name__}, expected a TensorDict")
     if out.batch_dims == 0 and not out.is_empty():
-        try:  # e.g. TensorDictModule(inplace=False) returns a fresh TensorDict with no batch size
+        try:
             out.batch_size = torch.Size([n])
         except RuntimeError:
             pass
@@ -110,21 +109,21 @@ def split_rows(out, n: int, version_key, version: int) -> list:
             f"the model returned batch_size={list(out.batch_size)} for a batch of {n} requests; "
             "it must keep the leading batch dimension"
         )
+    return out
+
+
+def split_rows(out: TensorDictBase) -> list:
+    """Split a batched output into row TensorDicts (views of the output, never of requests)."""
     d = flat_leaves(out)
     if d is None:
-        if version_key is not None:
-            out.set(version_key, torch.full(out.batch_size, version, dtype=torch.int64))
         return list(out.unbind(0))
-    return split_leaves(d, out.batch_size, out.device, version_key, version)
+    return split_leaves(d, out.batch_size, out.device)
 
 
-def split_leaves(d: dict, batch_size: torch.Size, device, version_key, version: int) -> list:
+def split_leaves(d: dict, batch_size: torch.Size, device) -> list:
     """Row TensorDicts from ``{key: batched tensor}`` (leading dim = number of rows)."""
     keys = list(d)
     cols = [v.unbind(0) for v in d.values()]
-    if version_key is not None:
-        keys.append(version_key)
-        cols.append(torch.full(batch_size, version, dtype=torch.int64).unbind(0))
     row_bs = batch_size[1:]
     return [new_td(dict(zip(keys, row)), row_bs, device) for row in zip(*cols)]
 

@@ -200,7 +200,7 @@ class AsyncBatchedCollector:
         if self._closed:
             raise RuntimeError("the collector is shut down")
         if not self.server.is_alive:
-            self.server._raise_if_not_serving()  # ServerDeadError naming the cause
+            self.server.raise_if_not_serving()  # ServerDeadError naming the cause
             raise ServerDeadError("the collector's inference server stopped")
         if not any(t.is_alive() for t in self._threads):
             raise RuntimeError("every actor thread has exited")

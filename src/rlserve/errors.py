@@ -1,6 +1,8 @@
 """Exceptions raised by rlserve. All derive from :class:`RLServeError`."""
 from __future__ import annotations
 
+import pickle
+
 
 class RLServeError(RuntimeError):
     """Base class of every error rlserve raises on its own account."""
@@ -20,3 +22,12 @@ class QueueFullError(RLServeError):
 
 class RequestError(RLServeError, ValueError):
     """A request could not be batched or run (bad type, keys, shapes or dtypes)."""
+
+
+def picklable_exception(exc: BaseException) -> BaseException:
+    """``exc`` if it survives pickling, else an RLServeError carrying its text (errors cross processes)."""
+    try:
+        pickle.loads(pickle.dumps(exc))
+        return exc
+    except Exception:
+        return RLServeError(f"{type(exc).__name__}: {exc}")

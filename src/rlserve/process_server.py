@@ -24,37 +24,28 @@ def _serve(factory, transport, server_kwargs, conn, parent_pid) -> None:
     """Body of the server process: build the policy, serve, obey commands."""
     import torch
 
-    from .server import InferenceServer
+    from .hosted import HostedServer
 
     try:
         torch.set_num_threads(server_kwargs.get("num_threads") or 1)
-        transport._auto_spin_us = 100.0  # this process does nothing else: spinning a little is cheap
-        server = InferenceServer(factory(), transport, **server_kwargs).start()
+        transport.default_spin_us = 100.0  # this process does nothing else: spinning a little is cheap
+        hosted = HostedServer(factory, transport, server_kwargs)
     except BaseException as e:
-        conn.send(("error", repr(e)))
+        conn.send(("err", RuntimeError(repr(e))))
         return
     conn.send(("ready", os.getpid()))
     try:
-        while server.is_alive and os.getppid() == parent_pid:
+        while hosted.is_alive and os.getppid() == parent_pid:
             if not conn.poll(0.2):
                 continue
-            cmd, arg = conn.recv()
-            if cmd == "stats":
-                s = server.stats()
-                s["transport"] = transport.usage()
-                conn.send(("ok", s))
-            elif cmd == "weights":
-                try:
-                    server.update_weights(*arg)
-                    conn.send(("ok", None))
-                except Exception as e:
-                    conn.send(("error", repr(e)))
-            elif cmd == "shutdown":
+            cmd, args = conn.recv()
+            if cmd == "shutdown":
                 break
+            conn.send(hosted.command(cmd, *args))
     except (EOFError, OSError):  # the owner is gone: stop serving
         pass
     finally:
-        server.shutdown(5.0)
+        hosted.shutdown(5.0)
         try:
             conn.send(("bye", None))
         except (OSError, EOFError):
@@ -122,19 +113,19 @@ class ProcessServer:
         except (EOFError, OSError):
             raise ServerDeadError("the server process died") from None
 
-    def _command(self, cmd, arg=None):
+    def _command(self, cmd: str, *args):
         with self._lock:
             if self._proc is None or self._closed:
                 raise ServerClosedError("the process server is not running")
             if not self._proc.is_alive():
                 raise ServerDeadError(f"the server process died (exit code {self._proc.exitcode})")
             try:
-                self._conn.send((cmd, arg))
+                self._conn.send((cmd, args))
             except (OSError, EOFError):
                 raise ServerDeadError("the server process died") from None
             kind, val = self._reply(_CMD_TIMEOUT_S)
-        if kind == "error":
-            raise RuntimeError(val)
+        if kind == "err":
+            raise val
         return val
 
     def client(self):
@@ -145,9 +136,10 @@ class ProcessServer:
         """The server's stats, plus ``"transport"``: the slot registry figures."""
         return self._command("stats")
 
-    def update_weights(self, weights, version: int | None = None) -> None:
-        """Send a state dict to the server process; applied between batches."""
-        self._command("weights", (weights, version))
+    def update_weights(self, weights, version: int | None = None) -> int:
+        """Send a state dict to the server process; applied between batches. Returns the version
+        answers will carry; ValueError (the old weights keep serving) if they do not fit the model."""
+        return self._command("update_weights", weights, version)
 
     @property
     def is_alive(self) -> bool:

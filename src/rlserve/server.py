@@ -1,44 +1,64 @@
-"""InferenceServer: gather pending requests, run one forward, route rows back."""
+"""InferenceServer: gather pending requests, run one forward, route rows back.
+
+The server owns its lifecycle, the serving loop (below, on one screen), the
+weights, and the serve lock held around every batch and weight update. The
+work of one batch is :class:`~rlserve.runner.BatchRunner`'s; how requests
+travel is the transport's, reached only through the contract in
+:mod:`rlserve.transport` (the transport gets a :class:`~rlserve.transport.ServerHandle`).
+"""
 from __future__ import annotations
 
 import logging
+import math
+import os
 import threading
 import time
+import weakref
+from typing import Any, Callable
 
 import torch
 
-from ._caller_threads import CallerThreads
+from . import _context
+from ._td import TensorDictBase
 from .batching import BatchPolicy
-from ._fastpath import direct_call
-from .collate import (
-    batch_td,
-    explain_failure,
-    group_by_signature,
-    is_fast,
-    signature_device,
-    split_leaves,
-    split_rows,
-    stack_group,
-    stack_leaves,
-)
 from .errors import ServerClosedError, ServerDeadError
+from .runner import BatchRunner
 from .stats import ServerStats
+from .transport import InferenceClient, InferenceTransport, as_transport
 
 __all__ = ["InferenceServer"]
 
 log = logging.getLogger("rlserve")
 _perf = time.perf_counter
 _IDLE_WAIT_S = 0.05  # how long an idle loop sleeps before re-checking for shutdown
+_FAIL_QUEUED_ROUNDS = 1000  # bound on drains at exit: a misbehaving transport cannot keep us there
+_LIVE: "weakref.WeakSet[InferenceServer]" = weakref.WeakSet()
+
+# A caller's thread-local torch state that would leak into a forward run on its thread.
+_autocast_on = getattr(torch._C, "_is_any_autocast_enabled", torch.is_autocast_enabled)
+_modes_on = getattr(torch._C, "_is_torch_function_mode_enabled", lambda: False)  # torch.device(...), set_default_device
+_dispatch_modes_on = getattr(torch._C, "_len_torch_dispatch_stack", lambda: 0)
 
 
-class InferenceServer(CallerThreads):
+def _after_fork_in_child() -> None:
+    # The serving thread does not exist in a fork child: its copies of our servers must refuse
+    # calls at once instead of queueing requests nobody will drain (or running them on a copy).
+    for server in list(_LIVE):
+        server._forked()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+class InferenceServer:
     """Serve ``model`` to many actors through ``transport``, batching their requests.
 
     Args:
         model: any callable from a batched TensorDict to a batched TensorDict
             (typically a ``TensorDictModule``). It runs under ``torch.no_grad``
             on the server thread (or, see ``run_in_caller``, on a blocked caller's).
-        transport: an :class:`~rlserve.InferenceTransport`.
+        transport: an :class:`~rlserve.InferenceTransport` (or any object with
+            its five methods ``submit/drain/wait_for_work/resolve/resolve_exception``).
         max_batch_size: most requests per forward pass.
         min_batch_size: run a batch once this many requests are pending...
         timeout: ...or once the oldest pending request has waited this many
@@ -49,11 +69,11 @@ class InferenceServer(CallerThreads):
         output_device: move answers here (``None``: back to the device the
             requests came from when ``device`` is set, else leave them).
         collate_fn: ``list[TensorDict] -> TensorDict`` replacing the built-in
-            stacking (it receives shallow copies, so it cannot alias requests).
+            stacking (it receives copies, so it cannot alias requests).
         weight_sync: a :class:`~rlserve.WeightSyncScheme`; the server wires its
             receiver side and applies new weights between batches.
-        policy_version_key: key of the integer version stamped on every
-            answer; ``None`` disables the stamp.
+        policy_version_key: key (nested keys allowed) of the int64 version
+            stamped on every answer; ``None`` disables the stamp.
         num_threads: ``torch.set_num_threads`` on the serving thread (a
             per-thread setting: the caller's threads keep theirs). Intra-op
             threads spinning against actor threads make a small machine
@@ -69,21 +89,22 @@ class InferenceServer(CallerThreads):
             between batches. Set ``False`` if the model must only ever run on
             the server thread (thread-local state such as CUDA graphs, or
             actors that switch CUDA device or stream: those are not reset).
+        name: the serving thread's name.
     """
 
     def __init__(
         self,
-        model,
-        transport,
+        model: Callable[[TensorDictBase], TensorDictBase],
+        transport: InferenceTransport,
         *,
         max_batch_size: int = 64,
         min_batch_size: int = 1,
         timeout: float = 0.01,
-        device=None,
-        output_device=None,
-        collate_fn=None,
-        weight_sync=None,
-        policy_version_key: str | None = "policy_version",
+        device: torch.device | str | None = None,
+        output_device: torch.device | str | None = None,
+        collate_fn: Callable[[list], TensorDictBase] | None = None,
+        weight_sync: Any = None,
+        policy_version_key: Any = "policy_version",
         num_threads: int | None = 1,
         run_in_caller: bool = True,
         name: str = "rlserve-server",
@@ -91,94 +112,87 @@ class InferenceServer(CallerThreads):
         if not callable(model):
             raise TypeError(f"model must be callable, got {type(model).__name__}")
         self.model = model
-        self._direct = direct_call(model)  # None unless model is a plain TensorDictModule
-        self.transport = transport
-        # transport hooks, looked up once (see transport.py): answer whole batches; queue length
-        self._whole_batches = getattr(transport, "resolve_batch", None) is not None and not getattr(
-            transport, "wants_rows", True)
-        self._pending_fn = getattr(transport, "_pending", None)
-        # blocked callers woken in turn once their batch is answered, and the fallback (threading.py)
-        self._wake_answered = getattr(transport, "_wake_answered", None)
-        self._release_answered = getattr(transport, "_release_answered", None)
+        self.transport = as_transport(transport)
         self.batching = BatchPolicy(max_batch_size, min_batch_size, timeout)
         self.device = torch.device(device) if device is not None else None
         self.output_device = torch.device(output_device) if output_device is not None else None
         self.collate_fn = collate_fn
         self.weight_sync = weight_sync
+        if isinstance(policy_version_key, tuple) and len(policy_version_key) == 1:
+            policy_version_key = policy_version_key[0]
         self.policy_version_key = policy_version_key
         self.policy_version = 0
         self.num_threads = num_threads
         self.run_in_caller = bool(run_in_caller)
         self.name = name
         self._stats = ServerStats(self.batching.max_batch_size)
+        self._runner = BatchRunner(
+            model, self.transport, self._stats, device=self.device, output_device=self.output_device,
+            collate_fn=collate_fn, policy_version_key=policy_version_key)
+        self._handle = _Handle(self)
         self._thread: threading.Thread | None = None
         self._serving = False
         self._stop = False
         self._started = False
+        self._fork_note: str | None = None
         self._died: BaseException | None = None
-        self._accepted: dict = {}  # signatures the model ran, newest last (bounded), for error messages
         self._weights_lock = threading.Lock()
         self._serve_lock = threading.Lock()  # held around every batch and weight update, whichever thread runs it
-        self._inline_ident = None  # the caller thread running a batch (see _serve_in_caller)
-        self._last_batch = 0  # size of the newest batch: >1 means actors queue up, so no caller-run batches
-        self._forward_avg_s = 0.0  # moving average of forward times (PortQueueTransport's inline rule)
-        self._answer_mark = -1  # requests queued when the newest batch began to be answered (-1: unknown)
         self._pending_weights = None  # (weights, version) from update_weights()
 
     @property
     def max_batch_size(self) -> int:
+        """Most requests per forward pass."""
         return self.batching.max_batch_size
 
     # -- lifecycle -------------------------------------------------------------
-    def start(self) -> "InferenceServer":
+    def start(self) -> InferenceServer:
         """Start the serving thread. Returns ``self``."""
         if self._started:
             raise RuntimeError("an InferenceServer can be started once; create a new one")
-        attach = getattr(self.transport, "_attach", None)
-        if attach is not None:
-            attach(self)  # refuses a transport another live server serves: before any side effect
+        self.transport.bind(self._handle)  # refuses a transport another live server serves: before any side effect
         if self.weight_sync is not None:
-            self.weight_sync.init_on_receiver(model=self.model, server=self)
+            self.weight_sync.init_on_receiver(model=self.model)
         self._started = True
-        reopen = getattr(self.transport, "_reopen", None)
-        if reopen is not None:
-            reopen()
         self._serving = True
+        self.transport.open()
+        _LIVE.add(self)
         self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
         self._thread.start()
         return self
 
     def shutdown(self, timeout: float | None = 5.0) -> None:
-        """Stop serving. Requests not yet run are answered with ServerClosedError."""
+        """Stop serving; requests not yet run are answered with ServerClosedError.
+
+        Returns within about ``timeout`` seconds (a forward still running then
+        is left to finish on its own; a warning says so).
+        """
         if not self._started or self._thread is None:
             return
+        deadline = None if timeout is None else time.monotonic() + timeout
         self._serving = False
-        close = getattr(self.transport, "_close", None)
-        if close is not None:
-            close()
+        self.transport.close()
         self._stop = True
-        wake = getattr(self.transport, "_wake", None)
-        if wake is not None:
-            wake()
+        self.transport.wake()
         # Called from inside a batch (the model, a done-callback), on the server thread or on a
         # caller running it: nothing to wait for; the server thread may itself wait for this batch.
-        if threading.current_thread() is not self._thread and self._inline_ident != threading.get_ident():
-            self._thread.join(timeout)
+        if threading.current_thread() is not self._thread and not self._handle.in_batch():
+            self._thread.join(_left(deadline))
             if self._thread.is_alive():
                 log.warning("%s: serving thread still busy after %s s (a slow forward?)", self.name, timeout)
             # a batch a caller thread is running: let it finish before the weights' receiver closes
-            if self._serve_lock.acquire(timeout=-1 if timeout is None else timeout):
+            left = _left(deadline)
+            if self._serve_lock.acquire(timeout=-1 if left is None else left):
                 self._serve_lock.release()
-        closer = getattr(self.weight_sync, "_close_receiver", None)
-        if closer is not None:
-            closer()
+        if self.weight_sync is not None:
+            self.weight_sync.close_receiver()
 
-    def __enter__(self) -> "InferenceServer":
+    def __enter__(self) -> InferenceServer:
         if not self._started:
             self.start()
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.shutdown()
 
     @property
@@ -186,23 +200,11 @@ class InferenceServer(CallerThreads):
         """True while the server accepts and runs requests."""
         return self._serving and self._thread is not None and self._thread.is_alive()
 
-    def _thread_running(self) -> bool:
-        t = self._thread
-        return t is not None and t.is_alive()
+    def raise_if_not_serving(self) -> None:
+        """Raise ServerClosedError, or ServerDeadError with the cause, unless the server is serving."""
+        self._handle.raise_if_closed()
 
-    def _raise_if_not_serving(self) -> None:
-        # Hot path: one flag. The loop clears it on any exit, normal or not.
-        if self._serving:
-            return
-        if self._died is not None:
-            raise ServerDeadError(f"the inference server died: {self._died!r}") from self._died
-        if self._started and self._thread is not None and not self._thread.is_alive() and not self._stop:
-            raise ServerDeadError("the inference server thread is gone")
-        if not self._started:
-            raise ServerClosedError("the inference server is not started; call server.start() first")
-        raise ServerClosedError("the inference server is shut down")
-
-    def client(self):
+    def client(self) -> InferenceClient:
         """An actor-side client of this server's transport."""
         return self.transport.client()
 
@@ -210,8 +212,17 @@ class InferenceServer(CallerThreads):
         """Counters and latency percentiles; see the README for the fields."""
         return self._stats.snapshot(self.policy_version)
 
+    def _forked(self) -> None:
+        """In a fork child: this copy has no serving thread (see ``_after_fork_in_child``)."""
+        if self._serving:
+            self._serving = False
+            self._fork_note = (
+                f"this client is used in a process forked from the one running its InferenceServer "
+                f"(pid {os.getppid()}); the server thread does not exist here. Give processes an "
+                "MPTransport or ProcessServer client instead")
+
     # -- weights ---------------------------------------------------------------
-    def update_weights(self, weights, version: int | None = None) -> int:
+    def update_weights(self, weights: Any, version: int | None = None) -> int:
         """Push new weights (state dict, TensorDict of parameters, or module).
 
         Checked now, on the caller's side (ValueError on missing keys, wrong
@@ -265,15 +276,8 @@ class InferenceServer(CallerThreads):
             torch.set_num_threads(self.num_threads)
         tr = self.transport
         policy = self.batching
-        drain = getattr(tr, "drain_timed", None)
-        if drain is None:
-            def drain(n, _drain=tr.drain):
-                ins, cbs = _drain(n)
-                return ins, cbs, [_perf()] * len(ins)
-        pending = self._pending_fn  # in-process transports only (see below)
+        drain = tr.drain_timed
         serve_lock = self._serve_lock
-        # callers that are threads of this process and resubmit at once (see _let_callers_return)
-        wait_count = getattr(tr, "_wait_for_count", None) if getattr(tr, "_callers_resubmit", False) else None
         ins: list = []
         cbs: list = []
         ts: list = []
@@ -285,58 +289,50 @@ class InferenceServer(CallerThreads):
                 if room > 0:
                     i2, c2, t2 = drain(room)
                     if i2:
-                        if ins:
-                            ins += i2
-                            cbs += c2
-                            ts += t2
-                        else:
-                            ins, cbs, ts = list(i2), list(c2), list(t2)
+                        ins += i2
+                        cbs += c2
+                        ts += t2
                 if not ins:
                     with serve_lock:
                         self._apply_weight_updates()  # idle: keep the weights and the version current
-                        if self._release_answered is not None:
-                            self._release_answered()  # a turn-by-turn wake-up cut short (see threading.py)
+                        tr.on_idle()
                     continue
                 wait = policy.wait_time(len(ins), min(ts), _perf())
                 if wait > 0:
                     tr.wait_for_work(wait)
                     continue
+                n = len(ins)
                 with serve_lock:
                     self._apply_weight_updates()
-                    batch_ins, batch_cbs, batch_ts = ins, cbs, ts
-                    ins, cbs, ts = [], [], []  # _process answers every one of these, whatever happens
-                    self._answer_mark = -1
-                    self._process(batch_ins, batch_cbs, batch_ts)
-                if wait_count is not None and self._last_batch > 1:
-                    self._let_callers_return(wait_count, pending, self._last_batch)
-                elif pending is not None and 0 < pending() < policy.max_batch_size:
-                    # Requests are queued but the batch is not full: hand the GIL over once
-                    # so request threads about to enqueue do so before the next drain.
-                    time.sleep(0)
+                    batch = ins, cbs, ts
+                    ins, cbs, ts = [], [], []  # the runner answers every one of these, whatever happens
+                    self._serve_batch(*batch)
+                tr.on_batch_done(n)
         except BaseException as e:  # the loop itself broke: never leave callers waiting
             self._serving = False  # first: a caller must not start a batch while the loop exits
             self._died = e
             log.exception("%s: serving loop died", self.name)
         finally:
             self._serving = False
-            close = getattr(tr, "_close", None)
-            if close is not None:
-                close()  # refuse new requests before the last drain
+            tr.close()  # refuse new requests before the last drain
             if self._died is not None:
                 exc = ServerDeadError(f"the inference server died: {self._died!r}")
             else:
                 exc = ServerClosedError("the inference server shut down before running this request")
-            self._fail(cbs, exc)
+            self._runner.fail(cbs, exc)
             self._fail_queued(exc)
-            if self._release_answered is not None:
-                self._release_answered()
+            tr.on_idle()
 
-    def _fail(self, cbs, exc) -> None:
-        for cb in cbs:
-            self._resolve_exc(cb, exc)
+    def _serve_batch(self, ins: list, cbs: list, ts: list) -> None:
+        """Run one drained batch (serve lock held), marking this thread as inside it."""
+        ctx = _context.enter(self.transport)
+        try:
+            self._runner.run(ins, cbs, ts, self.policy_version)
+        finally:
+            _context.leave(ctx)
 
-    def _fail_queued(self, exc) -> None:
-        for _ in range(1000):  # bounded: a misbehaving transport cannot keep us here
+    def _fail_queued(self, exc: BaseException) -> None:
+        for _ in range(_FAIL_QUEUED_ROUNDS):
             try:
                 _, cbs = self.transport.drain(1 << 16)
             except Exception:
@@ -344,127 +340,127 @@ class InferenceServer(CallerThreads):
                 return
             if not cbs:
                 return
-            self._fail(cbs, exc)
+            self._runner.fail(cbs, exc)
 
-    def _resolve_exc(self, cb, exc) -> None:
+    # -- batches on a caller's thread (ServerHandle.run_inline) ----------------------
+    def _run_inline(self, max_forward_s: float) -> bool:
+        """Run one batch on the calling thread; False: the transport wakes the server instead.
+
+        The caller is about to block on its own answer anyway, so doing the
+        work itself skips two thread hand-overs. The forward runs as it would
+        on the server thread: under the serve lock, without grad, with the
+        server's intra-op thread count.
+        """
+        runner = self._runner
+        if runner.last_batch > 1 or runner.forward_avg_s >= max_forward_s:
+            return False  # actors are queueing up (the server forms fuller batches), or forwards are long
+        if torch.is_inference_mode_enabled() or _autocast_on() or _modes_on() or _dispatch_modes_on():
+            # the caller's thread-local modes (inference mode, autocast, torch.device(...) as a
+            # context or set_default_device, dispatch modes) would leak into the forward
+            return False
+        lock = self._serve_lock
+        if not lock.acquire(False):
+            return False  # a batch is running: the server (once woken) takes this one next
+        grad = torch.is_grad_enabled()
+        nt = self.num_threads
+        old_nt = torch.get_num_threads() if nt is not None else None
         try:
-            self.transport.resolve_exception(cb, exc)
-        except Exception:
-            log.exception("%s: could not deliver an error to a caller", self.name)
-
-    def _process(self, ins: list, cbs: list, ts: list) -> None:
-        self._last_batch = len(ins)
-        self._stats.record_waits(_perf(), ts)
-        groups, bad = group_by_signature(ins)
-        for i, err in bad:
-            self._stats.rejected += 1
-            self._resolve_exc(cbs[i], err)
-        if len(groups) == 1 and not bad:
-            (sig, _), = groups.items()
-            self._run_group(sig, ins, cbs, ts)
-            return
-        todo = list(groups.items())
-        for k, (sig, idx) in enumerate(todo):
+            if not self._serving:
+                return False
+            torch.set_grad_enabled(False)
+            if old_nt is not None and old_nt != nt:
+                torch.set_num_threads(nt)
             try:
-                self._run_group(sig, [ins[i] for i in idx], [cbs[i] for i in idx], [ts[i] for i in idx])
-            except BaseException as e:  # the loop is dying: answer the groups not yet run
-                for _, rest in todo[k + 1:]:
-                    self._fail([cbs[i] for i in rest], ServerDeadError(f"the inference server died: {e!r}"))
+                self._apply_weight_updates()
+            except Exception:
+                log.exception("%s: applying new weights failed on a caller thread", self.name)
+                return False  # the server thread meets the failure too, and handles it as always
+            try:
+                ins, cbs, ts = self.transport.drain_timed(self.batching.max_batch_size)
+                if ins:  # else the server, awake after all, took them
+                    self._serve_batch(ins, cbs, ts)
+            except BaseException as e:
+                # As on the server thread (e.g. the model raised SystemExit; the batch is
+                # answered): the server dies and the caller sees the exception. Callers whose
+                # answer it cut off (Ctrl-C mid-delivery) then get ServerDeadError, not a hang.
+                self._die_from_caller(e)
                 raise
-
-    def _run_group(self, sig, ins: list, cbs: list, ts: list) -> None:
-        n = len(ins)
-        direct = self._direct
-        if direct is not None and is_fast(sig) and self.collate_fn is None and self.device is None and direct.usable():
-            self._run_direct(direct, sig, ins, cbs, ts)
-            return
-        try:
-            if self.collate_fn is not None:
-                batch = self.collate_fn([td.clone() for td in ins])  # a copy: cannot alias requests
-            else:
-                batch = stack_group(sig, ins)
-            back_to = self.output_device
-            if self.device is not None:
-                if back_to is None:
-                    back_to = signature_device(sig)
-                batch = batch.to(self.device)
-            t0 = _perf()
-            out = self.model(batch)
-            t_fwd = _perf() - t0
-            if back_to is not None and out is not None and hasattr(out, "to"):
-                out = out.to(back_to)
-            if self._whole_batches:
-                rows = None
-            else:
-                rows = split_rows(out, n, self.policy_version_key, self.policy_version)
-        except BaseException as e:
-            self._fail_group(sig, e, cbs)
-            return
-        self._deliver(sig, out, rows, cbs, ts, n, t_fwd)
-
-    def _fail_group(self, sig, e: BaseException, cbs: list) -> None:
-        """The batch could not run: its callers get the (explained) error."""
-        self._stats.errors += len(cbs)
-        exc = self._explain(sig, e) if isinstance(e, Exception) else e
-        for cb in cbs:
-            self._resolve_exc(cb, exc)
-        if not isinstance(e, Exception):
-            raise e  # KeyboardInterrupt / SystemExit: the batch is answered, now stop
-
-    def _deliver(self, sig, out, rows, cbs: list, ts: list, n: int, t_fwd: float) -> None:
-        """Answer a batch that ran: the whole batch through resolve_batch, or row by row."""
-        tr = self.transport
-        self._remember(sig)
-        self._forward_avg_s += (t_fwd - self._forward_avg_s) * 0.125  # smooth: one slow batch is no trend
-        if self._answer_mark < 0 and self._pending_fn is not None:
-            self._answer_mark = self._pending_fn()
-        try:
-            if rows is None:  # self._whole_batches
-                try:
-                    tr.resolve_batch(cbs, out, None)
-                except Exception:
-                    # Contract: resolve_batch answers all rows or raises before answering any.
-                    log.exception("%s: resolve_batch failed", self.name)
-                    self._fail(cbs, ServerDeadError("the transport could not deliver this answer"))
-            else:
-                resolve = tr.resolve
-                for cb, row in zip(cbs, rows):
-                    try:
-                        resolve(cb, row)
-                    except Exception:
-                        log.exception("%s: could not deliver an answer", self.name)
+            return True
         finally:
-            if self._wake_answered is not None:
-                self._wake_answered()  # blocked callers answered above (ThreadingTransport)
-        self._stats.record_batch(n, t_fwd, _perf(), ts)
+            torch.set_grad_enabled(grad)
+            if old_nt is not None and old_nt != nt:
+                torch.set_num_threads(old_nt)
+            lock.release()
 
-    def _run_direct(self, direct, sig, ins: list, cbs: list, ts: list) -> None:
-        """_run_group for a plain TensorDictModule on flat requests: no wrapper, no batch TensorDict."""
-        n = len(ins)
-        try:
-            src = stack_leaves(ins)
-            bs = torch.Size([n, *sig[1]])
-            t0 = _perf()
-            src = direct(src, bs)
-            t_fwd = _perf() - t0
-            if self._whole_batches:
-                out, rows = batch_td(sig, src, n), None
-            else:
-                out = None
-                rows = split_leaves(src, bs, sig[2], self.policy_version_key, self.policy_version)
-                if self.output_device is not None:
-                    rows = [r.to(self.output_device) for r in rows]
-        except BaseException as e:
-            self._fail_group(sig, e, cbs)
+    def _die_from_caller(self, e: BaseException) -> None:
+        """A caller-run batch broke the way that kills the serving loop: stop the loop the same way."""
+        log.exception("%s: serving loop died (in a batch run on a caller thread)", self.name)
+        self._died = e
+        self._serving = False  # refuse new calls now; the loop's exit fails whatever is still queued
+        self._stop = True
+        self.transport.wake()
+
+
+def _left(deadline: float | None) -> float | None:
+    return None if deadline is None else max(0.0, deadline - time.monotonic())
+
+
+class _Handle:
+    """The :class:`~rlserve.transport.ServerHandle` of one server: all a transport sees of it."""
+
+    __slots__ = ("_s", "inline_allowed", "__weakref__")
+
+    def __init__(self, server: InferenceServer):
+        self._s = server
+        # Caller-run batches: only a greedy server (min_batch_size=1) that allows them.
+        self.inline_allowed = server.run_in_caller and server.batching.min_batch_size == 1
+
+    @property
+    def accepting(self) -> bool:
+        return self._s._serving
+
+    def raise_if_closed(self) -> None:
+        s = self._s
+        if s._serving:  # the hot path: one flag, which the loop clears on any exit
             return
-        self._deliver(sig, out, rows, cbs, ts, n, t_fwd)
+        if s._fork_note is not None:
+            raise ServerDeadError(s._fork_note)
+        if s._died is not None:
+            raise ServerDeadError(f"the inference server died: {s._died!r}") from s._died
+        t = s._thread
+        if s._started and t is not None and not t.is_alive() and not s._stop:
+            raise ServerDeadError("the inference server thread is gone")
+        if not s._started:
+            raise ServerClosedError("the inference server is not started; call server.start() first")
+        raise ServerClosedError("the inference server is shut down")
 
-    def _remember(self, sig) -> None:
-        acc = self._accepted
-        if sig not in acc:
-            acc[sig] = True
-            if len(acc) > 64:
-                del acc[next(iter(acc))]
+    def may_still_answer(self) -> bool:
+        s = self._s
+        t = s._thread
+        return s._fork_note is None and t is not None and t.is_alive()
 
-    def _explain(self, sig, e: Exception) -> Exception:
-        return explain_failure(self._accepted, sig, e)
+    @property
+    def died(self) -> BaseException | None:
+        return self._s._died
+
+    @property
+    def stopping(self) -> bool:
+        return self._s._stop
+
+    @property
+    def policy_version(self) -> int:
+        return self._s.policy_version
+
+    @property
+    def policy_version_key(self) -> Any:
+        return self._s.policy_version_key
+
+    @property
+    def max_batch_size(self) -> int:
+        return self._s.batching.max_batch_size
+
+    def run_inline(self, max_forward_s: float = math.inf) -> bool:
+        return self.inline_allowed and self._s._run_inline(max_forward_s)
+
+    def in_batch(self) -> bool:
+        return _context.current() is self._s.transport

@@ -183,25 +183,13 @@ def decode_td(payload) -> TensorDictBase:
     raise RequestError(f"request must be a TensorDict, got {type(payload).__name__}")
 
 
-_last_version = (None, None)
-
-
-def _version_bytes(row_bs: tuple, version: int) -> memoryview:
-    """The version stamp of one row; it changes only with the weights, so keep the last one."""
-    global _last_version
-    key, mv = _last_version
-    if key != (row_bs, version):
-        mv = _raw(torch.full(row_bs, version, dtype=torch.int64))
-        _last_version = ((row_bs, version), mv)
-    return mv
-
-
-def encode_flat_rows(d: dict, batch_size: torch.Size, n: int, version_key, version: int) -> list | None:
-    """``n`` wire rows of a batched flat output (leaves ``d``), stamped with ``version``.
+def encode_flat_rows(d: dict, batch_size: torch.Size) -> list | None:
+    """One wire row per leading index of a batched flat output (leaves ``d``).
 
     None when a leaf cannot take the wire form (the caller then sends rows as
     TensorDicts). Rows slice each column's bytes: no per-row tensor work.
     """
+    n = batch_size[0]
     leaves = []
     cols = []
     for k, v in d.items():
@@ -209,10 +197,6 @@ def encode_flat_rows(d: dict, batch_size: torch.Size, n: int, version_key, versi
         if mv is None:
             return None
         leaves.append((k, v.dtype, v.shape[1:]))
-        cols.append((mv, mv.nbytes // n))
-    row_bs = tuple(batch_size[1:])
-    if version_key is not None:
-        leaves.append((version_key, torch.int64, row_bs))
-        cols.append((_version_bytes(row_bs, version), 0))  # the same bytes for every row
-    prefix = _prefix((row_bs, tuple(leaves)))
-    return [_join(prefix, [mv[i * rb:(i + 1) * rb] if rb else mv for mv, rb in cols]) for i in range(n)]
+        cols.append((mv, mv.nbytes // n if n else 0))
+    prefix = _prefix((tuple(batch_size[1:]), tuple(leaves)))
+    return [_join(prefix, [mv[i * rb:(i + 1) * rb] for mv, rb in cols]) for i in range(n)]

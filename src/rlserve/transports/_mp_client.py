@@ -226,7 +226,7 @@ class MPClient(InferenceClient):
         if (pid is not None and not W.pid_alive(pid)) or not self._server_reachable():
             raise self._lost()
 
-    def _may_still_answer(self) -> bool:
+    def may_still_answer(self) -> bool:
         # The reader thread resolves every pending future, with an error at worst.
         return self._reader is not None
 
@@ -260,10 +260,7 @@ class MPClient(InferenceClient):
             if slot not in self._busy or self._resp_views is None:
                 return  # no request of ours waits on this slot
             views = self._resp_views[slot - self._base]
-            res = self._resp_bank.layout.build(
-                [v.clone() for v in views],
-                None if self._vkey is None else {self._vkey: self._resp_bank.version[slot].clone()},
-            )
+            res = self._resp_bank.layout.build([v.clone() for v in views])
             self._deliver(slot, res, None)
         elif kind == W.ANS_PICKLE or kind == W.ERR:
             payload = self._view[W.HLEN:n]
@@ -284,8 +281,8 @@ class MPClient(InferenceClient):
         elif kind == W.REGISTERED:
             if self._registered:
                 return
-            cid, base, per, req, resp, vkey, spid = W.decode(self._view[W.HLEN:n])
-            self._cid, self._base, self._per, self._vkey = cid, base, per, vkey
+            cid, base, per, req, resp, spid = W.decode(self._view[W.HLEN:n])
+            self._cid, self._base, self._per = cid, base, per
             self._server_pid = spid
             self._free = list(range(base + per - 1, base - 1, -1))
             if req is not None:

@@ -23,7 +23,7 @@ from collections import deque
 import torch
 
 from .._td import TensorDict, TensorDictBase
-from ..errors import QueueFullError, RequestError
+from ..errors import QueueFullError, RequestError, picklable_exception
 from . import _wire as W
 from ._shm import SHM_PREFIX, Bank, Layout, unlink_segment, unlink_token
 
@@ -57,7 +57,7 @@ class _Client:
 class ServerSide:
     """Socket, registry and banks of one serving MPTransport."""
 
-    def __init__(self, tr):
+    def __init__(self, tr, version_key):
         self.tr = tr
         self.token = tr.token
         self.per = tr.max_inflight
@@ -83,7 +83,7 @@ class ServerSide:
         self.closed = False
         self.torn_down = False
         self.next_sweep = time.monotonic() + _SWEEP_S
-        spin_us = tr.spin_us if tr.spin_us is not None else tr._auto_spin_us
+        spin_us = tr.spin_us if tr.spin_us is not None else tr.default_spin_us
         self.spin_s = spin_us * 1e-6
         self.last_active = 0.0  # perf_counter of the newest drain or answer (spin-wait window)
         self.epoch = 0
@@ -95,7 +95,10 @@ class ServerSide:
         if tr.request_layout is not None:
             self._make_bank("req", tr.request_layout)
         if tr.response_layout is not None:
-            self._make_bank("resp", tr.response_layout)
+            layout = tr.response_layout
+            if version_key is not None:  # answers carry the version stamp as one more leaf
+                layout = layout.with_leaf(version_key, layout.batch_size, torch.int64)
+            self._make_bank("resp", layout)
         ref = weakref.ref(self)
         self._atexit = lambda: (ref() is not None and ref()._unlink_banks())
         atexit.register(self._atexit)
@@ -159,7 +162,8 @@ class ServerSide:
         q = self.pending
         n = min(len(q), max_items)
         if n == 0:
-            if self.closed or not self.tr._serving_here():
+            server = self.tr.server
+            if self.closed or server is None or not server.accepting:
                 self.teardown()
             return [], [], []
         pop = q.popleft
@@ -244,14 +248,9 @@ class ServerSide:
             cid, cid * self.per, self.per,
             self.req_bank.describe() if self.req_bank else None,
             self.resp_bank.describe() if self.resp_bank else None,
-            self._version_key(),
             os.getpid(),  # lets clients notice this process dying even if its socket lingers
         )
         self._send(c, W.pack(W.REGISTERED, 0, 0.0, W.encode(info, self.token)))
-
-    def _version_key(self):
-        s = self.tr._server
-        return getattr(s, "policy_version_key", "policy_version") if s is not None else "policy_version"
 
     # -- clients coming and going --------------------------------------------------
     def _sweep(self) -> None:
@@ -324,13 +323,10 @@ class ServerSide:
                 return
 
     # -- answers -------------------------------------------------------------------
-    def resolve_batch(self, slots: list, out, version: int) -> None:
+    def resolve_batch(self, slots: list, out) -> None:
+        """Answer a batch (the model's output, version stamped): into the bank when it fits, else pickled."""
         n = len(slots)
         try:
-            if not isinstance(out, TensorDictBase) or out.batch_dims == 0 or out.batch_size[0] != n:
-                got = list(out.batch_size) if isinstance(out, TensorDictBase) else type(out).__name__
-                raise RuntimeError(f"the model returned {got} for a batch of {n} requests; "
-                                   "it must return a TensorDict keeping the leading batch dimension")
             if self.resp_bank is None and self.tr.learn_layout and not self.closed:
                 layout = Layout.from_td(out, drop_leading=True)
                 if layout is not None:
@@ -345,7 +341,6 @@ class ServerSide:
             idx = torch.tensor(slots, dtype=torch.int64)
             for dst, v in zip(bank.tensors, vals):
                 dst.index_copy_(0, idx, v)
-            bank.version.index_fill_(0, idx, version)
             self.counts["fast_answers"] += n
             for s in slots:
                 c = self._answered(s)
@@ -353,12 +348,9 @@ class ServerSide:
                     self._send(c, W.pack(W.ANS_FAST, s, 0.0))
             self.last_active = _perf()
             return
-        vkey = self._version_key()
         for i, s in enumerate(slots):
             try:
                 row = out[i].clone()
-                if vkey is not None:
-                    row.set(vkey, torch.tensor(version, dtype=torch.int64))
             except Exception as e:
                 self.resolve_exception(s, e)
                 continue
@@ -401,7 +393,7 @@ class ServerSide:
         c = self._answered(slot)
         if c is None:
             return
-        self._send(c, W.pack(W.ERR, slot, 0.0, W.encode(W.picklable_exception(exc), self.token)))
+        self._send(c, W.pack(W.ERR, slot, 0.0, W.encode(picklable_exception(exc), self.token)))
         self.last_active = _perf()
 
     # -- shutdown --------------------------------------------------------------------
@@ -410,8 +402,8 @@ class ServerSide:
         if self.torn_down:
             return
         self.torn_down = True
-        server = self.tr._server
-        dead = 1 if server is not None and getattr(server, "_died", None) is not None else 0
+        server = self.tr.server
+        dead = 1 if server is not None and server.died is not None else 0
         self._flush_backlog()
         msg = W.pack(W.CLOSED, dead, 0.0)
         for c in list(self.clients.values()):

@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-import os
 import time
 from collections import deque
 
@@ -52,11 +51,10 @@ class _ServerActorImpl:
     """
 
     def __init__(self, policy_factory, server_kwargs):
-        from ..server import InferenceServer
+        from ..hosted import HostedServer
 
         self._transport = WaiterQueueTransport()
-        self._server = InferenceServer(policy_factory(), self._transport, **server_kwargs)
-        self._server.start()
+        self._hosted = HostedServer(policy_factory, self._transport, server_kwargs)
 
     def infer(self, payload):
         return self._transport.call(payload)
@@ -65,10 +63,10 @@ class _ServerActorImpl:
         return True
 
     def pid(self) -> int:
-        return os.getpid()
+        return self._hosted.pid()
 
     def stats(self) -> dict:
-        return self._server.stats()
+        return self._hosted.stats()
 
     def update_weights(self, boxed, version=None) -> int:
         # boxed: [ObjectRef or weights], so Ray resolves nothing on our behalf
@@ -77,10 +75,10 @@ class _ServerActorImpl:
         w = boxed[0]
         if isinstance(w, ray.ObjectRef):
             w = ray.get(w, timeout=60)
-        return self._server.update_weights(w, version)
+        return self._hosted.update_weights(w, version)
 
     def shutdown(self) -> None:
-        self._server.shutdown()
+        self._hosted.shutdown()
 
     def exit(self) -> None:
         _exit_actor()

@@ -159,6 +159,12 @@ class Layout:
                 td.set(k, v)
         return td
 
+    def with_leaf(self, key, shape, dtype) -> "Layout":
+        """This layout plus one leaf (unchanged if it has ``key`` already)."""
+        if any(k == key for k, _, _ in self.leaves):
+            return self
+        return Layout(self.batch_size, [*self.leaves, (key, shape, dtype)])
+
     def nbytes(self) -> int:
         return sum(_aligned(s.numel() * _itemsize(d)) for _, s, d in self.leaves)
 
@@ -189,11 +195,11 @@ def _aligned(n: int) -> int:
 
 
 class Bank:
-    """``slots`` rows of ``layout`` (plus an int64 ``version`` per slot) in one segment.
+    """``slots`` rows of ``layout`` in one segment.
 
     ``create=True`` makes the segment (the server side); otherwise it is
     attached by name. ``tensors[i]`` is the ``[slots, *shape]`` tensor of leaf
-    ``i``; ``version`` is ``[slots]`` int64 (answers' policy version).
+    ``i``.
     """
 
     def __init__(self, name: str, layout: Layout, slots: int, create: bool):
@@ -201,7 +207,7 @@ class Bank:
         self.layout = layout
         self.slots = slots
         sizes = [_aligned(slots * s.numel() * _itemsize(d)) for _, s, d in layout.leaves]
-        total = sum(sizes) + _aligned(slots * 8)
+        total = max(sum(sizes), _ALIGN)
         path = os.path.join(SHM_DIR, name)
         if create:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
@@ -225,7 +231,6 @@ class Bank:
             t = torch.frombuffer(self._mm, dtype=dtype, count=n, offset=off) if n else torch.empty(0, dtype=dtype)
             self.tensors.append(t.view(slots, *shape))
             off += size
-        self.version = torch.frombuffer(self._mm, dtype=torch.int64, count=slots, offset=off)
 
     def row_views(self, slot: int) -> list:
         """Per-leaf views of one slot's row."""

@@ -36,7 +36,7 @@ WAKE = 6          # the server waking its own wait_for_work
 ANS_FAST = 11     # the answer is in the slot of the response bank
 ANS_PICKLE = 12   # payload: the pickled answer
 ERR = 13          # payload: the pickled exception
-REGISTERED = 14   # payload: (client id, first slot, slots, request bank, response bank, version key, server pid)
+REGISTERED = 14   # payload: (client id, first slot, slots, request bank, response bank, server pid)
 LAYOUT = 15       # payload: ("req" | "resp", bank description)
 CLOSED = 16       # the server shut down
 REFUSED = 17      # payload: exception (registration refused)
@@ -90,17 +90,6 @@ def drop_payload(buf) -> None:
             os.unlink(os.path.join(SHM_DIR, bytes(mv[1:]).decode()))
         except FileNotFoundError:
             pass
-
-
-def picklable_exception(exc: BaseException) -> BaseException:
-    """``exc`` if it survives pickling, else an RLServeError carrying its text."""
-    try:
-        pickle.loads(pickle.dumps(exc))
-        return exc
-    except Exception:
-        from ..errors import RLServeError
-
-        return RLServeError(f"{type(exc).__name__}: {exc}")
 
 
 def pid_alive(pid: int) -> bool:

@@ -27,8 +27,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 from ..errors import RequestError, ServerDeadError
 from ..transport import InferenceClient
-from ._remote import HostedServerMixin, encode_replies, encode_rows, encode_td, enqueue_remote, reply_error, unwrap_reply
-from .threading import ThreadingTransport
+from ._remote import HostedServerMixin, RemoteQueue, encode_td, reply_error, unwrap_reply
 
 __all__ = ["MonarchTransport", "MonarchClient"]
 
@@ -113,7 +112,7 @@ class MonarchClient(InferenceClient):
         return cls._pool.submit(wait)
 
 
-class PortQueueTransport(ThreadingTransport):
+class PortQueueTransport(RemoteQueue):
     """In-actor queue whose callbacks are Monarch response ports.
 
     The endpoint (``explicit_response_port``) only enqueues ``(request, port)``
@@ -122,10 +121,6 @@ class PortQueueTransport(ThreadingTransport):
     async endpoint awaiting a future resolved through the actor's event loop,
     this saves a loop wake-up and a coroutine per request.
     """
-
-    _callers_resubmit = False  # answers go to remote callers: none resubmits from this process
-
-    wants_rows = False
 
     # Monarch runs a sync actor's endpoint calls one at a time: while a batch runs on the
     # endpoint thread, the next requests wait in the mailbox and cannot join it. So only
@@ -139,21 +134,12 @@ class PortQueueTransport(ThreadingTransport):
         the endpoint's thread (see ``InferenceServer(run_in_caller=...)``): no
         hand-over to the server thread and back.
         """
-        refused = enqueue_remote(self, payload, port, self.inline_max_forward_s)
+        refused = self.enqueue(payload, port)
         if refused is not None:
             _send(port, refused)
 
-    def resolve_batch(self, callbacks, batch_out, rows) -> None:
-        replies = encode_replies(self._server, batch_out, len(callbacks))
-        for port, r in zip(callbacks, replies):
-            _send(port, r)
-
-    def resolve(self, callback, result) -> None:
-        s = self._server
-        _send(callback, encode_rows(result.unsqueeze(0), 1, s.policy_version_key, s.policy_version)[0])
-
-    def resolve_exception(self, callback, exc: BaseException) -> None:
-        _send(callback, reply_error(exc))
+    def _reply(self, callback, reply) -> None:
+        _send(callback, reply)
 
 
 def _send(port, reply) -> None:
@@ -182,11 +168,10 @@ def _actor_classes():
         """Policy from a factory + InferenceServer, in its own Monarch process."""
 
         def __init__(self, policy_factory, server_kwargs):
-            from ..server import InferenceServer
+            from ..hosted import HostedServer
 
             self._transport = PortQueueTransport()
-            self._server = InferenceServer(policy_factory(), self._transport, **server_kwargs)
-            self._server.start()
+            self._hosted = HostedServer(policy_factory, self._transport, server_kwargs)
 
         @ma.endpoint(explicit_response_port=True)
         def infer(self, port, payload):
@@ -195,22 +180,20 @@ def _actor_classes():
         # Monarch forbids mixing sync and async endpoints in one actor: all sync.
         @ma.endpoint
         def stats(self):
-            return self._server.stats()
+            return self._hosted.stats()
 
         @ma.endpoint
         def pid(self):
-            return os.getpid()
+            return self._hosted.pid()
 
         @ma.endpoint
         def update_weights(self, weights, version=None):
-            try:  # bad weights: the caller gets its ValueError, the actor lives on
-                return ("ok", self._server.update_weights(weights, version))
-            except Exception as e:
-                return reply_error(e)
+            # bad weights: the caller gets its ValueError, the actor lives on
+            return self._hosted.command("update_weights", weights, version)
 
         @ma.endpoint
         def shutdown(self):
-            self._server.shutdown()
+            self._hosted.shutdown()
 
     class _Gateway(ma.Actor):
         """Endpoint actor living in the driver: enqueues into the driver's transport."""
@@ -232,16 +215,13 @@ def _actor_classes():
     return _ServerActor, _Gateway
 
 
+def _log_mesh_failure(failure) -> None:
+    log.warning("rlserve: a Monarch mesh failed (clients will get ServerDeadError): %s", str(failure).splitlines()[0])
+
+
 def _keep_driver_alive(ma) -> None:
     """Monarch's default fault hook exits the driver when an owned mesh fails; log instead."""
-    if getattr(ma.unhandled_fault_hook, "_rlserve", False):
-        return
-
-    def hook(failure):
-        log.warning("rlserve: a Monarch mesh failed (clients will get ServerDeadError): %s", str(failure).splitlines()[0])
-
-    hook._rlserve = True
-    ma.unhandled_fault_hook = hook
+    ma.unhandled_fault_hook = _log_mesh_failure
 
 
 class MonarchTransport(HostedServerMixin, PortQueueTransport):
@@ -272,6 +252,7 @@ class MonarchTransport(HostedServerMixin, PortQueueTransport):
         server_cls, gateway_cls = _actor_classes()
         self._hosted = policy_factory is not None
         self._own_procs = None
+        self._key = None
         if self._hosted:
             if procs is None:
                 procs = self._own_procs = ma.this_host().spawn_procs()
@@ -325,7 +306,7 @@ class MonarchTransport(HostedServerMixin, PortQueueTransport):
                 pass
             self._stop_own_procs(timeout)
         else:
-            _LOCAL.pop(getattr(self, "_key", None), None)
+            _LOCAL.pop(self._key, None)
 
     def _stop_own_procs(self, timeout: float) -> None:
         procs, self._own_procs = self._own_procs, None

@@ -20,8 +20,11 @@ from __future__ import annotations
 
 import uuid
 
+from typing import Any, Sequence
+
+from .._td import TensorDictBase
 from ..errors import ServerClosedError
-from ..transport import InferenceTransport
+from ..transport import InferenceTransport, ServerHandle, TransportCapabilities
 from ._mp_client import MPClient
 from ._shm import Layout, unlink_token
 
@@ -59,7 +62,8 @@ class MPTransport(InferenceTransport):
             (and GIL) with other work such as a trainer.
     """
 
-    wants_rows = False  # answers are written into the bank batch-wise
+    # answers are written into the bank batch-wise
+    capabilities = TransportCapabilities(whole_batches=True, timed_drain=True, wakeable=True)
 
     def __init__(
         self,
@@ -85,8 +89,10 @@ class MPTransport(InferenceTransport):
         if spin_us is not None and spin_us < 0:
             raise ValueError(f"spin_us must be >= 0 or None, got {spin_us}")
         self.spin_us = spin_us
-        self._auto_spin_us = 0.0  # ProcessServer raises it in its own process
+        #: the spin used when ``spin_us`` is None; a ProcessServer sets 100 in its own process
+        self.default_spin_us = 0.0
         self._side = None  # server half, only in the serving process
+        self._local_client = None  # submit() from the serving process goes through a client too
 
     @staticmethod
     def _layout(example, what):
@@ -104,6 +110,7 @@ class MPTransport(InferenceTransport):
         d = self.__dict__.copy()
         d["_side"] = None
         d["_server"] = None
+        d["_local_client"] = None
         return d
 
     def client(self) -> MPClient:
@@ -111,16 +118,12 @@ class MPTransport(InferenceTransport):
         return MPClient(self._cfg(), self)
 
     # -- server side (the process running the InferenceServer) ----------------
-    def _attach(self, server) -> None:
-        super()._attach(server)
+    def bind(self, server: ServerHandle) -> None:
+        super().bind(server)
         from ._mp_server import ServerSide
 
         if self._side is None or self._side.torn_down:
-            self._side = ServerSide(self)
-
-    def _serving_here(self) -> bool:
-        s = self._server
-        return s is not None and bool(getattr(s, "_serving", False))
+            self._side = ServerSide(self, server.policy_version_key)
 
     def _require_side(self):
         side = self._side
@@ -130,7 +133,7 @@ class MPTransport(InferenceTransport):
 
     def submit(self, td):
         """Submit from the server's own process (goes through a client, like any actor)."""
-        c = getattr(self, "_local_client", None)
+        c = self._local_client
         if c is None:
             c = self._local_client = self.client()
         return c.submit(td)
@@ -154,23 +157,16 @@ class MPTransport(InferenceTransport):
         ins, cbs, _ = self.drain_timed(max_items)
         return ins, cbs
 
-    def resolve_batch(self, callbacks, batch_output, rows) -> None:
-        server = self._server
-        self._require_side().resolve_batch(callbacks, batch_output, server.policy_version if server else 0)
+    def resolve_batch(self, callbacks: Sequence, batch: TensorDictBase, policy_version: int) -> None:
+        self._require_side().resolve_batch(list(callbacks), batch)
 
-    def resolve(self, callback, result) -> None:
-        side = self._require_side()
-        vkey = side._version_key()
-        server = self._server
-        if vkey is not None and server is not None and vkey not in result.keys():
-            result = result.clone()
-            result.set(vkey, __import__("torch").tensor(server.policy_version))
-        side.resolve_pickled(callback, result)
+    def resolve(self, callback: Any, result: TensorDictBase) -> None:
+        self._require_side().resolve_pickled(callback, result)
 
     def resolve_exception(self, callback, exc: BaseException) -> None:
         self._require_side().resolve_exception(callback, exc)
 
-    def _wake(self) -> None:
+    def wake(self) -> None:
         import socket
 
         from . import _wire as W
@@ -182,14 +178,11 @@ class MPTransport(InferenceTransport):
         except OSError:
             pass
 
-    def _close(self) -> None:
+    def close(self) -> None:
         side = self._side
         if side is not None:
             side.closed = True  # the server thread tears down once it has failed what is queued
-        self._wake()
-
-    def _reopen(self) -> None:
-        pass
+        self.wake()
 
     def usage(self) -> dict:
         """Registry figures (clients, free places, in flight, layouts), serving process only."""

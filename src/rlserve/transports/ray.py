@@ -26,9 +26,9 @@ from collections import deque
 from concurrent.futures import Future
 
 from ..errors import ServerClosedError, ServerDeadError
-from ..transport import InferenceClient, InferenceTransport
+from ..transport import InferenceClient, InferenceTransport, TransportCapabilities
 from ._ray_server import _EXITED_ON_PURPOSE, _HEARTBEAT_S, _GatewayImpl, _server_actor_class
-from ._remote import HostedServerMixin, decode_td, encode_replies, encode_rows, encode_td, reply_error, unwrap_reply
+from ._remote import HostedServerMixin, decode_td, encode_replies, encode_td, reply_error, reply_of, unwrap_reply
 
 __all__ = ["RayTransport", "RayClient"]
 
@@ -129,7 +129,7 @@ class RayTransport(HostedServerMixin, InferenceTransport):
     first use if the caller has not done it.
     """
 
-    wants_rows = False
+    capabilities = TransportCapabilities(whole_batches=True, timed_drain=True, wakeable=True)
     _engine = "Ray"
 
     def __init__(
@@ -213,18 +213,18 @@ class RayTransport(HostedServerMixin, InferenceTransport):
         self._handle = None
 
     # -- driver-hosted mode: the InferenceTransport side ----------------------------------
-    def _reopen(self) -> None:
+    def open(self) -> None:
         _ray().get(self._handle.set_state.remote("serving"), timeout=30)
         self._closed_flag = False
         self._hb_stop.clear()
         self._hb_thread = threading.Thread(target=self._beat, name="rlserve-ray-heartbeat", daemon=True)
         self._hb_thread.start()
 
-    def _close(self) -> None:
+    def close(self) -> None:
         self._closed_flag = True
         self._stop_heartbeat()
         if self._handle is not None:
-            died = getattr(self._server, "_died", None)
+            died = self._server.died if self._server is not None else None
             if died is not None:
                 self._handle.set_state.remote("dead", f"the inference server died: {died!r}")
             else:
@@ -241,10 +241,10 @@ class RayTransport(HostedServerMixin, InferenceTransport):
         """Tell the gateway the server is alive; report its death with the reason."""
         while not self._hb_stop.wait(_HEARTBEAT_S):
             server = self._server
-            alive = server is not None and server.is_alive
+            alive = server is not None and server.accepting and server.may_still_answer()
             reason = ""
             if not alive:
-                died = getattr(server, "_died", None)
+                died = server.died if server is not None else None
                 reason = f"the inference server died: {died!r}" if died is not None else "the inference server thread is gone"
             try:
                 self._handle.heartbeat.remote(alive, reason)
@@ -272,6 +272,9 @@ class RayTransport(HostedServerMixin, InferenceTransport):
         fut.add_done_callback(self._poll_done)
 
     def _poll_done(self, _fut) -> None:
+        self.wake()
+
+    def wake(self) -> None:
         try:
             self._signal.release()
         except RuntimeError:  # already released
@@ -327,13 +330,11 @@ class RayTransport(HostedServerMixin, InferenceTransport):
         tds, cbs, _ = self.drain_timed(max_items)
         return tds, cbs
 
-    def resolve_batch(self, callbacks, batch_out, rows) -> None:
-        replies = encode_replies(self._server, batch_out, len(callbacks))
-        self._handle.answer.remote(list(callbacks), replies)
+    def resolve_batch(self, callbacks, batch, policy_version: int) -> None:
+        self._handle.answer.remote(list(callbacks), encode_replies(batch, len(callbacks)))
 
     def resolve(self, callback, result) -> None:
-        s = self._server
-        self._handle.answer.remote([callback], encode_rows(result.unsqueeze(0), 1, s.policy_version_key, s.policy_version))
+        self._handle.answer.remote([callback], [reply_of(result)])
 
     def resolve_exception(self, callback, exc: BaseException) -> None:
         if self._handle is not None:

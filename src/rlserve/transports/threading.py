@@ -8,77 +8,49 @@ Hot path design (every microsecond here is paid per request):
   the server has said it is sleeping, so a busy server costs clients nothing;
 * a blocking ``client(td)`` waits on a per-thread reusable lock instead of a
   ``Future`` (no Condition, no allocation per request);
-* blocked callers are woken in turn, not all at once: the server wakes the
-  first caller of a batch, and each caller wakes the next one as soon as it
-  runs (``_pass_turn``). Woken together, they would all fight for the GIL,
-  and each lost round is a sleep and a wake-up (~5-10 us of kernel time on a
-  VM): at 16 threads that was ~7 context switches per request, in turn it is
-  ~2, and throughput rose ~1.8x (fewer than ``_TURN_MIN`` callers: all at once);
-* ``Future`` callbacks (``submit``) are resolved at once, through
-  ``set_result``.
+* blocked callers are woken in turn, not all at once (``_turns.py``);
+* when the server sleeps, a blocking caller runs the batch on its own thread
+  (``ServerHandle.run_inline``): no hand-over to the server and back;
+* after answering a batch of actor threads, the server waits (bounded) for
+  them to resubmit before its next forward (``on_batch_done``);
+* ``Future`` callbacks (``submit``) are resolved at once, through ``set_result``.
 """
 from __future__ import annotations
 
+import logging
+import math
 import threading
 import time
 from collections import deque
 from concurrent.futures import Future, InvalidStateError
+from typing import Sequence
 from _thread import allocate_lock
 
+from .. import _context
 from .._td import TensorDictBase
 from ..errors import QueueFullError, RequestError, ServerClosedError
-from ..transport import LIVENESS_PERIOD_S, InferenceClient, InferenceTransport
+from ..transport import (
+    LIVENESS_PERIOD_S,
+    InferenceClient,
+    InferenceTransport,
+    ServerHandle,
+    TransportCapabilities,
+    check_timeout,
+    wait_live,
+)
+from ._turns import TurnWaking, Waiter
 
 __all__ = ["ThreadingTransport", "ThreadingClient"]
 
+log = logging.getLogger("rlserve")
 _perf = time.perf_counter
-# A turn that has not moved on for this long while callers wait for it is lost (its holder was
-# interrupted at the wrong bytecode): the next delivered batch takes it over. A live turn moves
-# every few tens of microseconds; this is above the GIL's switch interval (5 ms).
-_TURN_STUCK_S = 0.01
-# Batches with fewer blocked callers wake them all at once: in turn, each wake-up waits for the
-# one before (measured at 4 actor threads: 0.86x all at once; at 8 and more, turns win).
-_TURN_MIN = 5
+# After answering a batch, wait for its callers in slices of this long, at most this long per
+# caller answered (about what one actor thread needs to resubmit on this class of machine, GIL included).
+_RETURN_SLICE_S = 0.0002
+_RETURN_PER_CALLER_S = 0.00005
 
 
-class _Waiter:
-    """A one-slot mailbox for one blocked thread; reused across that thread's calls.
-
-    ``turn``: it was woken with the turn (see ``ThreadingTransport._pass_turn``)
-    and must pass it on. ``abandoned``: its caller gave up (timeout,
-    interrupt), so whoever wakes it passes the turn on instead.
-    """
-
-    __slots__ = ("lock", "result", "exc", "turn", "abandoned")
-
-    def __init__(self):
-        self.lock = allocate_lock()
-        self.lock.acquire()  # held until an answer arrives
-        self.result = None
-        self.exc = None
-        self.turn = False
-        self.abandoned = False
-
-    def set_result(self, result):
-        self.result = result
-        self.lock.release()
-
-    def set_exception(self, exc):
-        self.exc = exc
-        self.lock.release()
-
-
-def _release(w: _Waiter) -> bool:
-    """Wake ``w``'s caller; False if its lock was free already (a mailbox left behind by an
-    interrupt at the wrong moment): never an exception into the serving loop."""
-    try:
-        w.lock.release()
-        return True
-    except RuntimeError:
-        return False
-
-
-class ThreadingTransport(InferenceTransport):
+class ThreadingTransport(TurnWaking, InferenceTransport):
     """In-process transport for actor threads.
 
     Args:
@@ -90,9 +62,8 @@ class ThreadingTransport(InferenceTransport):
             ``False`` raises :class:`~rlserve.QueueFullError` at once.
     """
 
-    # Callers are actor threads of this process that resubmit as soon as they are
-    # answered: the server may wait for them before its next forward (fuller batches).
-    _callers_resubmit = True
+    capabilities = TransportCapabilities(
+        timed_drain=True, pending_count=True, callers_resubmit=True, wakeable=True, inline_batches=True)
 
     def __init__(self, max_pending: int | None = None, block_when_full: bool = True):
         if max_pending is not None and max_pending < 1:
@@ -105,12 +76,11 @@ class ThreadingTransport(InferenceTransport):
         self.max_pending = max_pending
         self.block_when_full = block_when_full
         self._room = threading.Semaphore(max_pending) if max_pending else None
-        self._serve_in_caller = None  # the server's hook: run an idle server's batch on the caller's thread
+        self._inline = None  # the server's run_inline, when it allows caller-run batches
+        self._max_batch = 1
         self._wake_at = 1  # a sleeping server wants waking once this many requests are queued
-        self._answered: list = []  # blocked callers answered in the batch being delivered
-        self._turns: deque = deque()  # answered blocked callers waiting for their turn to be woken
-        self._baton = allocate_lock()  # held by whoever must wake the next of _turns
-        self._last_pass = 0.0  # when the turn last moved on (a turn stuck longer is taken over)
+        self._mark = -1  # requests queued when the newest batch began to be answered (-1: not yet)
+        self._init_turns()
 
     # -- actor side ------------------------------------------------------------
     def submit(self, td: TensorDictBase) -> Future:
@@ -118,8 +88,9 @@ class ThreadingTransport(InferenceTransport):
         self._put(td, fut, None)
         return fut
 
-    def _put(self, td, callback, deadline, may_serve: bool = False) -> None:
-        """Queue one request; ``may_serve``: the caller would rather run an idle server's batch itself."""
+    def _put(self, td, callback, deadline, inline_max_forward_s: float | None = None) -> None:
+        """Queue one request. ``inline_max_forward_s``: the caller would rather run an idle
+        server's batch itself, while forwards average under that (None: never)."""
         if not isinstance(td, TensorDictBase):
             raise RequestError(f"request must be a TensorDict, got {type(td).__name__}")
         if self._closed:
@@ -140,44 +111,45 @@ class ThreadingTransport(InferenceTransport):
                     self._room.release()
                 raise ServerClosedError("the inference server is shut down")
         if self._sleeping and len(self._q) >= self._wake_at:
-            serve = self._serve_in_caller
-            if may_serve and serve is not None and serve():
+            inline = self._inline
+            if inline_max_forward_s is not None and inline is not None and inline(inline_max_forward_s):
                 return
-            self._wake()
+            self.wake()
 
     def _take_room(self, deadline) -> None:
         if not self.block_when_full:
             if not self._room.acquire(blocking=False):
                 raise QueueFullError(f"{self.max_pending} requests already pending (max_pending)")
             return
-        while True:
-            step = LIVENESS_PERIOD_S
-            if deadline is not None:
-                step = min(step, deadline - time.monotonic())
-                if step <= 0:
-                    if self._room.acquire(blocking=False):
-                        return
-                    raise QueueFullError(f"no room before the call's timeout: {self.max_pending} requests pending")
-            if self._room.acquire(timeout=step):
-                return
-            self.check_alive()
+        room = self._room
+        wait_live(lambda s: room.acquire(timeout=s), self, deadline, accepted=False, on_timeout=lambda: QueueFullError(
+            f"no room before the call's timeout: {self.max_pending} requests pending"))
 
-    def client(self) -> "ThreadingClient":
+    def client(self) -> ThreadingClient:
         return ThreadingClient(self)
 
-    def _attach(self, server) -> None:
-        super()._attach(server)
-        hook = getattr(server, "_caller_hook", None)
-        self._serve_in_caller = hook() if hook is not None else None
+    # -- lifecycle -------------------------------------------------------------
+    def bind(self, server: ServerHandle) -> None:
+        super().bind(server)
+        self._inline = server.run_inline if server.inline_allowed else None
+        self._max_batch = server.max_batch_size
 
-    # -- server side -----------------------------------------------------------
-    def _wake(self) -> None:
+    def open(self) -> None:
+        self._closed = False
+
+    def close(self) -> None:
+        """Refuse new requests; the server then fails whatever is still queued."""
+        self._closed = True
+        self.wake()
+
+    def wake(self) -> None:
         self._sleeping = False
         try:
             self._signal.release()
         except RuntimeError:  # already released by another client
             pass
 
+    # -- server side -----------------------------------------------------------
     def wait_for_work(self, timeout: float) -> None:
         self._wait_for_count(1, timeout)
 
@@ -197,11 +169,11 @@ class ThreadingTransport(InferenceTransport):
             self._sleeping = False
             self._wake_at = 1
 
-    def _pending(self) -> int:
-        """Requests waiting to be drained (a hint for the server's scheduling)."""
+    def pending(self) -> int:
         return len(self._q)
 
-    def drain_timed(self, max_items: int):
+    def drain_timed(self, max_items: int) -> tuple[list, list, list[float]]:
+        self._mark = -1  # a new batch: its answering has not begun
         q = self._q
         n = min(len(q), max_items)
         if n == 0:
@@ -217,109 +189,41 @@ class ThreadingTransport(InferenceTransport):
         cbs, tds, ts = zip(*items)
         return list(tds), list(cbs), list(ts)
 
-    def drain(self, max_items: int):
+    def drain(self, max_items: int) -> tuple[list, list]:
         tds, cbs, _ = self.drain_timed(max_items)
         return tds, cbs
 
     def resolve(self, callback, result) -> None:
-        """Answer one caller. A blocked ``client(td)`` call is only woken by ``_wake_answered()``,
-        which the server calls once per delivered batch (a subclass answering outside the
-        server's ``_deliver`` must call it too)."""
-        if type(callback) is _Waiter:
-            # A blocked client(td) call: woken in turn once the batch is answered (_wake_answered).
-            callback.result = result
-            self._answered.append(callback)
-        else:
-            try:
-                callback.set_result(result)
-            except InvalidStateError:  # cancelled by its caller: nobody to answer
-                pass
+        """Answer one caller now (``resolve_rows`` answers a batch's blocked callers in turn)."""
+        try:
+            callback.set_result(result)
+        except InvalidStateError:  # cancelled by its caller: nobody to answer
+            pass
         if self._room is not None:
             self._room.release()
 
-    # -- waking blocked callers in turn ------------------------------------------
-    def _wake_answered(self) -> None:
-        """Server hook, after each delivered batch: queue its blocked callers for their turn.
-
-        Wakes the first one unless a turn is already going round (callers of
-        an earlier batch still waking each other): those go on into this
-        batch's callers, so at most about two threads want the GIL at once.
-        Fewer than ``_TURN_MIN`` callers are all woken at once.
-        """
-        answered = self._answered
-        if answered:
-            self._answered = []
-            if len(answered) < _TURN_MIN:
-                for w in answered:  # too few to fight much over the GIL: no serial wake-ups
-                    _release(w)
-            else:
-                self._turns.extend(answered)
-        if not self._turns:
-            return
-        if not self._baton.acquire(False):
-            if self._turns and _perf() - self._last_pass >= _TURN_STUCK_S:
-                # Lost: its holder was interrupted between waking and passing it on. Wake
-                # everyone waiting and put the baton down: the next batch starts afresh.
-                self._release_answered()
-            return  # else the turn going round reaches them
-        self._pass_turn()
-
-    def _pass_turn(self) -> None:
-        """Holding the baton: wake the next caller in turn (the baton goes with it), or put it down."""
-        turns = self._turns
-        while True:
-            try:
-                w = turns.popleft()  # atomic under the GIL: each caller is woken exactly once
-            except IndexError:
-                try:
-                    self._baton.release()
-                except RuntimeError:  # released by _release_answered meanwhile
-                    pass
-                # callers queued after popleft() failed and before release(): nobody else will wake them
-                if turns and self._baton.acquire(False):
-                    continue
-                return
-            w.turn = True
-            self._last_pass = _perf()
-            if not _release(w):
-                continue
-            # A caller that gave up never takes its turn: take it back, unless its own
-            # thread did (_abandon); the lock decides which of us goes on.
-            if not w.abandoned or not w.lock.acquire(False):
-                return
-            w.turn = False
-
-    def _abandon(self, w: _Waiter) -> None:
-        """A blocked caller leaves ``w`` for good (timeout, interrupt): pass on a turn it got."""
-        w.abandoned = True
-        if w.lock.acquire(False) and w.turn:
-            w.turn = False
-            self._pass_turn()
-
-    def _release_answered(self) -> None:
-        """Server hook, when it stops waiting for callers to come back: wake all still waiting for a turn.
-
-        The turn goes round only as fast as woken callers get to run, and a
-        caller interrupted between waking and passing it on would stop it:
-        this bounds both. Then the baton is put down, so the next batch starts
-        a fresh turn.
-        """
-        answered = self._answered
-        if answered:  # answered through resolve() by a transport method that never woke them
-            self._answered = []
-            self._turns.extend(answered)
-        turns = self._turns
-        while True:
-            try:
-                w = turns.popleft()
-            except IndexError:
-                break
-            _release(w)
-        if self._baton.locked():
-            try:
-                self._baton.release()
-            except RuntimeError:
-                pass
+    def resolve_rows(self, callbacks: Sequence, rows: Sequence[TensorDictBase]) -> None:
+        """Answer a batch: Futures at once, blocked ``client(td)`` calls parked, then woken in turn."""
+        if self._mark < 0:
+            # Callers answered first may be back before the batch is fully answered
+            # (done-callbacks): the resubmit wait counts from the queue as it is now.
+            self._mark = len(self._q)
+        room = self._room
+        try:
+            for cb, row in zip(callbacks, rows):
+                if type(cb) is Waiter:
+                    self._park(cb, row)
+                else:
+                    try:
+                        cb.set_result(row)
+                    except InvalidStateError:  # cancelled by its caller: nobody to answer
+                        pass
+                    except Exception:  # a done-callback that raised: its caller's problem alone
+                        log.exception("rlserve: a done-callback raised")
+                if room is not None:
+                    room.release()
+        finally:
+            self._wake_answered()
 
     def resolve_exception(self, callback, exc: BaseException) -> None:
         try:
@@ -329,13 +233,46 @@ class ThreadingTransport(InferenceTransport):
         if self._room is not None:
             self._room.release()
 
-    def _close(self) -> None:
-        """Refuse new requests; the server then fails whatever is still queued."""
-        self._closed = True
-        self._wake()
+    def on_batch_done(self, n: int) -> None:
+        if self.capabilities.callers_resubmit and n > 1:
+            self._let_callers_return(n)
+        elif 0 < len(self._q) < self._max_batch:
+            # Requests are queued but the batch is not full: hand the GIL over once
+            # so request threads about to enqueue do so before the next drain.
+            time.sleep(0)
 
-    def _reopen(self) -> None:
-        self._closed = False
+    def on_idle(self) -> None:
+        self._release_answered()  # a turn-by-turn wake-up cut short
+
+    def _let_callers_return(self, answered: int) -> None:
+        """Give the actor threads just answered the GIL to resubmit before the next forward.
+
+        Their next requests join the next batch (fuller batches), and the
+        forward then runs while they wait instead of handing the GIL to them
+        at every torch op. Waits in slices while they keep coming back, and
+        stops at the first slice in which none does (slow actors, or fewer
+        actors than answered requests).
+        """
+        have = len(self._q)
+        mark, self._mark = self._mark, -1
+        target = (mark if 0 <= mark <= have else have) + answered
+        cap = self.max_pending
+        if cap is not None and target > cap:
+            target = cap  # max_pending admits no more: waiting for them would only idle the server
+        end = _perf() + answered * _RETURN_PER_CALLER_S
+        server = self._server
+        try:
+            while True:
+                left = end - _perf()
+                if left <= 0:
+                    return
+                self._wait_for_count(target, min(left, _RETURN_SLICE_S))
+                now = len(self._q)
+                if now >= target or now == have or (server is not None and server.stopping):
+                    return
+                have = now
+        finally:
+            self._release_answered()  # callers still waiting for their turn: slow, or a turn cut short
 
 
 class ThreadingClient(InferenceClient):
@@ -344,6 +281,11 @@ class ThreadingClient(InferenceClient):
     def __init__(self, transport: ThreadingTransport):
         super().__init__(transport)
         self._local = threading.local()
+
+    def __reduce__(self):
+        raise TypeError(
+            "a ThreadingTransport client serves threads of the server's own process and cannot be "
+            "pickled; give actor processes an MPTransport client (or a ProcessServer's) instead")
 
     def submit(self, td: TensorDictBase) -> Future:
         tr = self._transport
@@ -355,27 +297,27 @@ class ThreadingClient(InferenceClient):
     def __call__(self, td: TensorDictBase, timeout: float | None = None) -> TensorDictBase:
         tr = self._transport
         tr.check_alive()
+        if _context.current() is tr:
+            raise _context.reentry_error()
         local = self._local
         try:
             w = local.waiter
         except AttributeError:
-            w = local.waiter = _Waiter()
+            w = local.waiter = Waiter()
         w.result = w.exc = None  # nothing stale from a call an interrupt cut short
         w.turn = False
         if timeout is None:
             deadline = None
             step = LIVENESS_PERIOD_S
         else:
-            if timeout < 0:
-                raise ValueError(f"timeout must be >= 0 seconds or None, got {timeout}")
-            deadline = time.monotonic() + timeout
+            deadline = check_timeout(timeout)
             step = min(timeout, LIVENESS_PERIOD_S)
         try:
             # With no timeout the caller may run an idle server's batch itself: it would
             # wait just as long for the server (a timeout could not interrupt a forward).
             # That batch may raise here (e.g. SystemExit from the model) after answering
             # this very mailbox, hence inside the try.
-            tr._put(td, w, deadline, timeout is None)
+            tr._put(td, w, deadline, math.inf if timeout is None else None)
             if not w.lock.acquire(timeout=step):
                 self._slow_wait(w, deadline, timeout)
         except BaseException:
@@ -400,30 +342,20 @@ class ThreadingClient(InferenceClient):
         w.result = None
         return res
 
-    def _slow_wait(self, w: _Waiter, deadline, timeout) -> None:
+    def _slow_wait(self, w: Waiter, deadline: float | None, timeout: float | None) -> None:
         tr = self._transport
-        while True:
+
+        def rescue() -> bool:
+            if not tr._stranded(w):
+                return False
+            # Answered and taken off the turn by a thread interrupted before it woke us:
+            # nobody will. Retire this mailbox (a late waker sees it abandoned) and take it.
             try:
-                tr.check_alive()
-            except ServerClosedError:
-                if not tr._may_still_answer():
-                    # Gone for good; one last look in case the answer just landed.
-                    if w.lock.acquire(timeout=0.01):
-                        return
-                    raise
-            step = LIVENESS_PERIOD_S
-            if deadline is not None:
-                step = min(step, deadline - time.monotonic())
-                if step <= 0:
-                    raise TimeoutError(f"no answer from the inference server within {timeout} s")
-            if w.lock.acquire(timeout=step):
-                return
-            if w.result is not None and w not in tr._turns and w not in tr._answered:
-                # Answered and taken off the turn by a thread interrupted before it woke us:
-                # nobody will. Retire this mailbox (a late waker sees it abandoned) and take it.
-                try:
-                    del self._local.waiter  # retired first, as in __call__
-                except AttributeError:
-                    pass
-                tr._abandon(w)
-                return
+                del self._local.waiter  # retired first, as in __call__
+            except AttributeError:
+                pass
+            tr._abandon(w)
+            return True
+
+        wait_live(lambda s: w.lock.acquire(timeout=s), tr, deadline, tick=rescue,
+                  on_timeout=lambda: TimeoutError(f"no answer from the inference server within {timeout} s"))

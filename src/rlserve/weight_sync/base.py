@@ -91,10 +91,10 @@ class WeightSyncScheme(abc.ABC):
 
     Trainer side: ``init_on_sender(model=...)`` once, then ``send(model=...)``
     after each update. Server side: the server calls
-    ``init_on_receiver(model=..., server=...)`` at start and ``receive()``
-    between batches; ``receive`` applies the newest pending weights in place
-    and returns their version, or None when nothing new arrived. It must
-    never block.
+    ``init_on_receiver(model=...)`` at start, ``receive()`` between
+    batches, and ``close_receiver()`` at shutdown; ``receive`` applies the
+    newest pending weights in place and returns their version, or None when
+    nothing new arrived. It must never block.
     """
 
     def init_on_sender(self, model=None, **kwargs) -> None:
@@ -111,8 +111,8 @@ class WeightSyncScheme(abc.ABC):
     def receive(self) -> int | None:
         """Apply the newest pending weights, if any; return their version or None."""
 
-    def _close_receiver(self) -> None:
-        """Called by the server at shutdown."""
+    def close_receiver(self) -> None:
+        """Called by the server at shutdown: let go of the served model."""
 
 
 class NoWeightSyncScheme(WeightSyncScheme):

@@ -238,7 +238,7 @@ class RayWeightSyncScheme(WeightSyncScheme):
             return None
         return version
 
-    def _close_receiver(self) -> None:
+    def close_receiver(self) -> None:
         with self._lock:
             self._closed = True
             self._poll = None

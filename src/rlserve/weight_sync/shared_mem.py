@@ -107,7 +107,7 @@ class SharedMemWeightSyncScheme(WeightSyncScheme):
         self._seen = seq
         return version
 
-    def _close_receiver(self) -> None:
+    def close_receiver(self) -> None:
         if self._buf is not None and self._receiver_model is not None:
             self._buf.detach_reader()
         self._receiver_model = None

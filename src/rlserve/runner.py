@@ -1,0 +1,185 @@
+"""The batch runner: every step of serving one drained batch, each written once.
+
+group -> collate -> forward -> output -> answer:
+
+* **group**: requests are grouped by signature (``collate.group_by_signature``);
+  one that has none (not a TensorDict) fails alone;
+* **collate**: a group becomes one batch: ``collate_fn`` when given, else the
+  stacked leaves (a plain ``dict`` when the direct call below can run, a
+  TensorDict otherwise), moved to ``device``;
+* **forward**: a plain ``TensorDictModule`` is called as what it is (its
+  network on the stacked tensors, ``_fastpath.py``); any other model as
+  ``model(batch)``;
+* **output**: the output must keep the leading batch dimension; it moves to
+  ``output_device`` (or back where the requests came from when ``device`` is
+  set) and gets its ``policy_version`` column: the one place answers are
+  stamped;
+* **answer**: the transport answers the whole batch (``resolve_batch``) or
+  the server splits it into rows (``resolve_rows``).
+
+The server holds its serve lock around :meth:`BatchRunner.run`, whichever
+thread calls it.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Callable, Sequence
+
+import torch
+
+from ._fastpath import direct_call
+from ._td import TensorDictBase, new_td
+from .collate import batched_output, explain_failure, group_by_signature, is_fast, signature_device, split_rows, stack_group, stack_leaves
+from .errors import ServerDeadError
+from .stats import ServerStats
+from .transport import InferenceTransport
+
+__all__ = ["BatchRunner"]
+
+log = logging.getLogger("rlserve")
+_perf = time.perf_counter
+_ACCEPTED_MAX = 64  # signatures remembered for error messages
+
+
+class BatchRunner:
+    """Runs batches of one model for one transport (see the module docstring).
+
+    Args:
+        model: batched TensorDict in, batched TensorDict out.
+        transport: where answers go.
+        stats: the server's counters.
+        device: move each batch here before the forward (None: leave it).
+        output_device: move outputs here (None: back to the requests' device
+            when ``device`` is set, else leave them).
+        collate_fn: ``list[TensorDict] -> TensorDict`` instead of stacking (it
+            gets copies, so a batch never aliases a request).
+        policy_version_key: where the version is stamped (None: nowhere).
+    """
+
+    def __init__(
+        self,
+        model: Callable[[TensorDictBase], TensorDictBase],
+        transport: InferenceTransport,
+        stats: ServerStats,
+        *,
+        device: torch.device | None = None,
+        output_device: torch.device | None = None,
+        collate_fn: Callable[[list], TensorDictBase] | None = None,
+        policy_version_key: Any = "policy_version",
+    ):
+        self.model = model
+        self.direct = direct_call(model) if collate_fn is None else None
+        self.transport = transport
+        self.whole_batches = transport.capabilities.whole_batches
+        self.stats = stats
+        self.device = device
+        self.output_device = output_device
+        self.collate_fn = collate_fn
+        self.version_key = policy_version_key
+        self.accepted: dict = {}  # signatures the model ran, newest last (bounded): for error messages
+        self.forward_avg_s = 0.0  # moving average of forward times
+        self.last_batch = 0  # requests in the newest batch
+
+    # -- one drained batch -----------------------------------------------------------
+    def run(self, ins: list, cbs: list, ts: list, version: int) -> None:
+        """Answer every request of one drained batch; re-raises only what must stop the server
+        (KeyboardInterrupt, SystemExit...), after answering every caller."""
+        self.last_batch = len(ins)
+        self.stats.record_waits(_perf(), ts)
+        groups, bad = group_by_signature(ins)
+        for i, err in bad:
+            self.stats.rejected += 1
+            self.fail([cbs[i]], err)
+        if len(groups) == 1 and not bad:
+            (sig, _), = groups.items()
+            self._run_group(sig, ins, cbs, ts, version)
+            return
+        todo = list(groups.items())
+        for k, (sig, idx) in enumerate(todo):
+            try:
+                self._run_group(sig, [ins[i] for i in idx], [cbs[i] for i in idx], [ts[i] for i in idx], version)
+            except BaseException as e:  # the server is stopping: answer the groups not yet run
+                for _, rest in todo[k + 1:]:
+                    self.fail([cbs[i] for i in rest], ServerDeadError(f"the inference server died: {e!r}"))
+                raise
+
+    def fail(self, cbs: Sequence, exc: BaseException) -> None:
+        """Answer ``cbs`` with ``exc``; a caller that cannot be reached costs nobody else."""
+        resolve_exception = self.transport.resolve_exception
+        for cb in cbs:
+            try:
+                resolve_exception(cb, exc)
+            except Exception:
+                log.exception("rlserve: could not deliver an error to a caller")
+
+    # -- the steps ---------------------------------------------------------------------
+    def _run_group(self, sig: tuple, ins: list, cbs: list, ts: list, version: int) -> None:
+        n = len(ins)
+        try:
+            batch = self._collate(sig, ins)
+            t0 = _perf()
+            out = self._forward(batch, sig, n)
+            t_fwd = _perf() - t0
+            out = self._output(out, sig, n, version)
+            rows = None if self.whole_batches else split_rows(out)
+        except BaseException as e:
+            self._fail_group(sig, e, cbs)
+            return
+        self._answer(sig, out, rows, cbs, ts, t_fwd, version)
+
+    def _collate(self, sig: tuple, ins: list) -> TensorDictBase | dict:
+        if self.collate_fn is not None:
+            batch = self.collate_fn([td.clone() for td in ins])  # copies: cannot alias requests
+        elif self.direct is not None and is_fast(sig) and self.direct.usable():
+            src = stack_leaves(ins)  # {key: stacked tensor}: what the direct call reads
+            if self.device is not None:
+                src = {k: v.to(self.device) for k, v in src.items()}
+            return src
+        else:
+            batch = stack_group(sig, ins)  # copies: the batch never aliases a request
+        if self.device is not None:
+            batch = batch.to(self.device)
+        return batch
+
+    def _forward(self, batch: TensorDictBase | dict, sig: tuple, n: int) -> Any:
+        if type(batch) is dict:
+            bs = torch.Size([n, *sig[1]])
+            return new_td(self.direct(batch, bs), bs)
+        return self.model(batch)
+
+    def _output(self, out: Any, sig: tuple, n: int, version: int) -> TensorDictBase:
+        out = batched_output(out, n)
+        back = self.output_device
+        if back is None and self.device is not None:
+            back = signature_device(sig)
+        if back is not None:
+            out = out.to(back)
+        if self.version_key is not None:
+            out.set(self.version_key, torch.full(out.batch_size, version, dtype=torch.int64))
+        return out
+
+    def _answer(self, sig, out, rows, cbs: list, ts: list, t_fwd: float, version: int) -> None:
+        acc = self.accepted
+        if sig not in acc:
+            acc[sig] = True
+            if len(acc) > _ACCEPTED_MAX:
+                del acc[next(iter(acc))]
+        self.forward_avg_s += (t_fwd - self.forward_avg_s) * 0.125  # smooth: one slow batch is no trend
+        if rows is None:
+            try:
+                self.transport.resolve_batch(cbs, out, version)
+            except Exception:
+                # Contract: resolve_batch answers every row or raises before answering any.
+                log.exception("rlserve: resolve_batch failed")
+                self.fail(cbs, ServerDeadError("the transport could not deliver this answer"))
+        else:
+            self.transport.resolve_rows(cbs, rows)
+        self.stats.record_batch(len(cbs), t_fwd, _perf(), ts)
+
+    def _fail_group(self, sig: tuple, e: BaseException, cbs: list) -> None:
+        """The batch could not run: its callers get the (explained) error."""
+        self.stats.errors += len(cbs)
+        self.fail(cbs, explain_failure(self.accepted, sig, e) if isinstance(e, Exception) else e)
+        if not isinstance(e, Exception):
+            raise e  # KeyboardInterrupt / SystemExit: the batch is answered, now stop
