@@ -29,7 +29,7 @@ test-main: setup
 TD014_TESTS = tests/test_threading_core.py tests/test_reliability.py tests/test_races.py \
 	tests/test_batching_policy.py tests/test_fastpath.py tests/test_weight_sync.py \
 	tests/test_weight_sync_mp.py tests/test_mp_transport.py tests/test_mp_reliability.py tests/test_wire_codec.py \
-	tests/test_turns.py
+	tests/test_turns.py tests/test_contract.py tests/test_hostile.py
 
 test-td014: .venv-td014/.installed
 	OMP_NUM_THREADS=1 .venv-td014/bin/python -m pytest -p no:cacheprovider $(TD014_TESTS)

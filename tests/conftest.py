@@ -2,6 +2,9 @@ import os
 import time
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# Before Ray is imported anywhere (Ray reads it once, at import): every Ray process of the test
+# session listens on 127.0.0.1 only (Ray 2.60), Ray's own servers and ray.cluster_utils.Cluster included.
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 
 import pytest
 from helpers import doubler as make_doubler
@@ -29,18 +32,14 @@ def no_shm_leftovers():
     assert rlserve_shm() - before == set(), "rlserve shared-memory segments left in /dev/shm"
 
 
-_RAY_STARTED = []
-
-
-@pytest.fixture
-def ray_local(request):
-    """A local Ray instance on loopback, started once and shared by the tests that need one."""
+@pytest.fixture(scope="session")
+def ray_local():
+    """A local Ray instance on loopback, shared by every test that needs one."""
     ray = pytest.importorskip("ray")
-    if not ray.is_initialized():
-        from helpers import start_local_ray
+    from helpers import start_local_ray
 
+    if not ray.is_initialized():
         start_local_ray()
-        if not _RAY_STARTED:
-            _RAY_STARTED.append(True)
-            request.session.addfinalizer(lambda: ray.shutdown() if ray.is_initialized() else None)
-    return ray
+    yield ray
+    if ray.is_initialized():
+        ray.shutdown()

@@ -1,5 +1,6 @@
-"""What the tests share: models, and the shared-memory check. Importable by spawned children."""
+"""What the tests share: models, the shared-memory and loopback checks. Importable by spawned children."""
 import os
+import socket
 import time
 
 import torch
@@ -74,11 +75,105 @@ def slow_doubler(s: float) -> TensorDictModule:
 
 
 def start_local_ray(**kwargs):
-    """ray.init for tests: a local instance, every Ray process listening on 127.0.0.1 only."""
-    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # Ray 2.60: keep every server on loopback
+    """ray.init for tests: a new local instance (never another session's cluster), on loopback
+    (conftest sets RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 before Ray is imported)."""
     import ray
 
-    opts = dict(num_cpus=2, include_dashboard=False, log_to_driver=False,
+    opts = dict(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
                 runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
     opts.update(kwargs)
     return ray.init(**opts)
+
+
+# -- servers listen on loopback only ---------------------------------------------------------
+_LOOPBACK = {"127.0.0.1", "::1", "::ffff:127.0.0.1"}
+
+
+def _listening_tcp():
+    """{socket inode: (ip, port)} of every listening TCP socket (IPv4 and IPv6) on this machine."""
+    out = {}
+    for path, fam in (("/proc/net/tcp", socket.AF_INET), ("/proc/net/tcp6", socket.AF_INET6)):
+        try:
+            with open(path) as f:
+                lines = f.read().splitlines()[1:]
+        except FileNotFoundError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if fields[3] != "0A":  # TCP_LISTEN
+                continue
+            hexip, hexport = fields[1].split(":")
+            raw = bytes.fromhex(hexip)
+            # /proc prints each 32-bit word in host (little-endian) order
+            raw = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
+            out[int(fields[9])] = (socket.inet_ntop(fam, raw), int(hexport, 16))
+    return out
+
+
+def socket_inodes(pid):
+    inodes = set()
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return inodes
+    for fd in fds:
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(int(target[8:-1]))
+    return inodes
+
+
+def _descendants(pid):
+    children = {}
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(d))
+    out, todo = [], [pid]
+    while todo:
+        for k in children.get(todo.pop(), []):
+            out.append(k)
+            todo.append(k)
+    return out
+
+
+def _cmd(pid):
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace").strip()[:80]
+    except OSError:
+        return "?"
+
+
+def listening_sockets(within_pid: int) -> list:
+    """[(pid, command, ip, port)]: listening TCP sockets of ``within_pid`` and every process it started
+    (a Ray session's gcs_server, raylet, agents and workers; Monarch's processes)."""
+    listening = _listening_tcp()
+    found = []
+    for pid in [within_pid, *_descendants(within_pid)]:
+        for ino in sorted(socket_inodes(pid)):
+            if ino in listening:
+                found.append((pid, _cmd(pid), *listening[ino]))
+    return found
+
+
+def assert_loopback_only(within_pid: int, expect_some: bool = True) -> None:
+    """Fail if a process of this tree listens on anything but 127.0.0.1 (or ::1)."""
+    socks = listening_sockets(within_pid)
+    assert socks or not expect_some, "found no listening socket (is the server running?)"
+    exposed = [s for s in socks if s[2] not in _LOOPBACK]
+    assert not exposed, "processes listen beyond loopback:\n" + "\n".join(
+        f"  pid {pid} {ip}:{port}  {cmd}" for pid, cmd, ip, port in exposed)
+
+
+def assert_ray_on_loopback_only(within_pid: int) -> None:
+    """Every Ray process of the session this process started listens on 127.0.0.1 only."""
+    assert_loopback_only(within_pid)

@@ -45,11 +45,8 @@ def obs(v, n=8):
 
 
 @pytest.fixture(scope="module", autouse=True)
-def ray_cluster():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
-    yield
-    ray.shutdown()
+def ray_cluster(ray_local):
+    yield ray_local
 
 
 # Every Ray actor is a new worker process (seconds each on a busy 2-core box), so the

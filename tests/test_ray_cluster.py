@@ -1,4 +1,5 @@
 """RayTransport across two Ray nodes on this machine (ray.cluster_utils.Cluster)."""
+import os
 import sys
 
 import pytest
@@ -9,9 +10,13 @@ ray = pytest.importorskip("ray")
 from ray.cluster_utils import Cluster  # noqa: E402
 
 from rlserve import RayTransport  # noqa: E402
-from helpers import seed_policy  # noqa: E402
+from helpers import assert_loopback_only, seed_policy, start_local_ray  # noqa: E402
 
+import helpers  # noqa: E402
+
+# Ray workers cannot import the test modules: ship their functions and classes by value.
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+ray.cloudpickle.register_pickle_by_value(helpers)
 
 
 @ray.remote(num_cpus=0)
@@ -25,7 +30,8 @@ class NodeCaller:
 
 
 def test_actors_on_two_nodes_share_one_server():
-    if ray.is_initialized():
+    shared = ray.is_initialized()  # the session's local instance: back afterwards
+    if shared:
         ray.shutdown()
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "resources": {"head": 1}})
     cluster.add_node(num_cpus=1, resources={"worker": 1})
@@ -42,8 +48,11 @@ def test_actors_on_two_nodes_share_one_server():
             for _, action in outs:
                 assert torch.allclose(torch.tensor(action), want, atol=1e-6)
             assert tr.stats()["requests"] == 2
+            assert_loopback_only(within_pid=os.getpid())  # both nodes, every Ray process: 127.0.0.1 only
         finally:
             tr.shutdown()
     finally:
         ray.shutdown()
         cluster.shutdown()
+        if shared:
+            start_local_ray()

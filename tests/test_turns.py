@@ -30,7 +30,7 @@ def answered_batch(tr: ThreadingTransport, n: int) -> list:
     """``n`` waiters answered by one batch, as the server leaves them before waking any."""
     ws = [_Waiter() for _ in range(n)]
     for i, w in enumerate(ws):
-        tr._park(w, i)
+        tr.turns.park(w, i)
     return ws
 
 
@@ -39,39 +39,39 @@ def test_a_batch_wakes_its_blocked_callers_one_after_the_other():
     n = _TURN_MIN
     ws = answered_batch(tr, n)
     assert not any(w.lock.acquire(False) for w in ws)  # answering wakes nobody yet
-    tr._wake_answered()
+    tr.turns.wake_answered()
     assert [woken(w) for w in ws] == [True] + [False] * (n - 1)  # the first only
     for i in range(1, n):  # each woken caller wakes the next one, as ThreadingClient.__call__ does
         assert ws[i - 1].turn and ws[i - 1].result == i - 1
         ws[i - 1].turn = False
-        tr._pass_turn()
+        tr.turns.pass_turn()
         assert woken(ws[i])
         assert all(w.lock.locked() for w in ws[i + 1:])  # not released: still waiting
     ws[-1].turn = False
-    tr._pass_turn()  # the last one puts the baton down: the next batch starts a fresh turn
-    assert not tr._baton.locked()
+    tr.turns.pass_turn()  # the last one puts the baton down: the next batch starts a fresh turn
+    assert not tr.turns.baton.locked()
 
 
 def test_a_small_batch_wakes_its_callers_at_once():
     tr = ThreadingTransport()
     ws = answered_batch(tr, _TURN_MIN - 1)
-    tr._wake_answered()
+    tr.turns.wake_answered()
     assert all(woken(w) for w in ws) and not any(w.turn for w in ws)
-    assert not tr._baton.locked()
+    assert not tr.turns.baton.locked()
 
 
 def test_a_later_batch_joins_the_turn_already_going_round():
     tr = ThreadingTransport()
     first = answered_batch(tr, _TURN_MIN)
-    tr._wake_answered()
+    tr.turns.wake_answered()
     assert woken(first[0])
     second = answered_batch(tr, _TURN_MIN)
-    tr._wake_answered()  # the turn is still going round the first batch: nobody else is woken
+    tr.turns.wake_answered()  # the turn is still going round the first batch: nobody else is woken
     assert not any(woken(w) for w in first[1:] + second)
     order = first[1:] + second
     for prev, nxt in zip([first[0]] + order, order):
         prev.turn = False
-        tr._pass_turn()
+        tr.turns.pass_turn()
         assert woken(nxt)
 
 
@@ -79,22 +79,22 @@ def test_a_caller_that_gave_up_is_skipped():
     tr = ThreadingTransport()
     ws = answered_batch(tr, _TURN_MIN)
     ws[0].abandoned = True  # timed out before its answer came
-    tr._wake_answered()
+    tr.turns.wake_answered()
     assert woken(ws[1]) and not woken(ws[2])  # its turn went to the next caller at once
 
 
 def test_a_caller_that_gives_up_just_as_its_turn_comes_passes_it_on():
     tr = ThreadingTransport()
     ws = answered_batch(tr, _TURN_MIN)
-    tr._wake_answered()  # ws[0] is woken, but its caller leaves before taking its answer
-    tr._abandon(ws[0])
+    tr.turns.wake_answered()  # ws[0] is woken, but its caller leaves before taking its answer
+    tr.turns.abandon(ws[0])
     assert woken(ws[1])
 
 
 def test_timed_out_caller_first_in_a_batch_does_not_strand_the_others():
     """End to end, with the server's fallback switched off: the turn itself must get past the quitter."""
     tr = ThreadingTransport()
-    tr._release_answered = lambda: None  # the fallbacks that would wake everyone: off
+    tr.turns.release_answered = lambda: None  # the fallbacks that would wake everyone: off
 
     def slow(batch):
         time.sleep(0.6)  # the first caller's timeout expires during the forward
@@ -127,11 +127,11 @@ def test_the_server_wakes_callers_whose_turn_never_comes():
     with InferenceServer(echo, tr, max_batch_size=8):
         assert tr.client()(td(1), timeout=5) is not None
         stranded = _Waiter()
-        tr._baton.acquire()  # held by the caller that died with it
-        tr._turns.append(stranded)
+        tr.turns.baton.acquire()  # held by the caller that died with it
+        tr.turns.queue.append(stranded)
         # the idle server notices within its idle poll (50 ms) and puts the baton down
         assert stranded.lock.acquire(timeout=2.0)
-        assert not tr._baton.locked()
+        assert not tr.turns.baton.locked()
         client = tr.client()
         outs = []
         ts = [threading.Thread(target=lambda i=i: outs.append((i, client(td(i), timeout=5)))) for i in range(8)]
@@ -167,7 +167,7 @@ def test_blocking_calls_and_futures_in_the_same_batches(threads):
         assert not any(t.is_alive() for t in ts)
         assert server.stats()["requests"] == threads * 100
     assert not bad
-    assert not tr._turns and not tr._answered
+    assert not tr.turns.queue and not tr.turns.answered
 
 
 def _call_in_thread(client, v, timeout=None):
@@ -187,16 +187,16 @@ def _call_in_thread(client, v, timeout=None):
 def test_a_caller_taken_off_the_turn_by_an_interrupted_thread_still_gets_its_answer():
     """The waker pops the next caller, then a Ctrl-C lands before it releases it: nobody ever will."""
     tr = ThreadingTransport()
-    real = tr._pass_turn
+    real = tr.turns.pass_turn
     dropped = []
 
     def interrupted_once():
         if not dropped:
-            dropped.append(tr._turns.popleft())  # taken off the turn, never woken, baton still held
+            dropped.append(tr.turns.queue.popleft())  # taken off the turn, never woken, baton still held
             return
         real()
 
-    tr._pass_turn = interrupted_once
+    tr.turns.pass_turn = interrupted_once
     # one batch of _TURN_MIN blocked callers: woken in turn
     with InferenceServer(echo, tr, min_batch_size=_TURN_MIN, timeout=5.0, run_in_caller=False):
         client = tr.client()
@@ -216,17 +216,17 @@ def test_a_lost_turn_is_taken_over_by_the_next_batch():
 
     tr = ThreadingTransport()
     stale = answered_batch(tr, _TURN_MIN)
-    tr._wake_answered()
+    tr.turns.wake_answered()
     assert woken(stale[0])  # ...and its thread dies with the turn: stale[1:] wait forever
     fresh = answered_batch(tr, _TURN_MIN)
-    tr._wake_answered()  # the turn moved on a moment ago: it may still be going round
+    tr.turns.wake_answered()  # the turn moved on a moment ago: it may still be going round
     assert not any(woken(w) for w in stale[1:] + fresh)
-    tr._last_pass -= 2 * T._TURN_STUCK_S  # no move for longer than a live turn ever takes
+    tr.turns.last_pass -= 2 * T._TURN_STUCK_S  # no move for longer than a live turn ever takes
     newer = answered_batch(tr, _TURN_MIN)
-    tr._wake_answered()
+    tr.turns.wake_answered()
     assert all(woken(w) for w in stale[1:] + fresh + newer)  # taken over: all woken at once
     after = answered_batch(tr, _TURN_MIN)
-    tr._wake_answered()
+    tr.turns.wake_answered()
     assert woken(after[0]) and not any(woken(w) for w in after[1:])  # and turns go round again
 
 
@@ -253,13 +253,13 @@ def test_a_lost_turn_is_taken_over_by_a_small_batch_too():
 
     tr = ThreadingTransport()
     stale = answered_batch(tr, _TURN_MIN)
-    tr._wake_answered()
+    tr.turns.wake_answered()
     assert woken(stale[0])  # its thread dies with the turn
-    tr._last_pass -= 2 * T._TURN_STUCK_S
+    tr.turns.last_pass -= 2 * T._TURN_STUCK_S
     small = answered_batch(tr, 1)
-    tr._wake_answered()
+    tr.turns.wake_answered()
     assert all(woken(w) for w in stale[1:] + small)
-    assert not tr._baton.locked()
+    assert not tr.turns.baton.locked()
 
 
 def test_an_interrupt_while_a_timed_out_call_retires_its_mailbox_never_reuses_it():

@@ -2,33 +2,23 @@
 
 A blocking call into the same server from inside one of its batches (the
 model calling a client, or a ``submit`` done-callback, which runs while the
-batch is answered) would wait for itself forever. Clients ask
-:func:`current` before they block and raise at once instead.
+batch is answered) would wait for itself forever. Clients read
+``state.transport`` before they block and raise :func:`reentry_error` instead.
 """
 from __future__ import annotations
 
 import threading
 from typing import Any
 
-__all__ = ["enter", "leave", "current", "reentry_error"]
-
-_tls = threading.local()
+__all__ = ["state", "reentry_error"]
 
 
-def enter(transport: Any) -> Any:
-    """Mark this thread as running a batch of ``transport``; returns what to restore."""
-    prev = getattr(_tls, "transport", None)
-    _tls.transport = transport
-    return prev
+class _State(threading.local):
+    #: the transport whose batch this thread is running (None: none); set by the server
+    transport: Any = None
 
 
-def leave(prev: Any) -> None:
-    _tls.transport = prev
-
-
-def current() -> Any:
-    """The transport whose batch this thread is running, or None."""
-    return getattr(_tls, "transport", None)
+state = _State()
 
 
 def reentry_error() -> RuntimeError:

@@ -6,7 +6,7 @@ import inspect
 import torch
 from tensordict import TensorDict, TensorDictBase
 
-__all__ = ["TensorDict", "TensorDictBase", "new_td", "flat_leaves"]
+__all__ = ["TensorDict", "TensorDictBase", "new_td", "flat_leaves", "set_leaf"]
 
 _new_unsafe = getattr(TensorDict, "_new_unsafe", None)
 try:  # nested=False skips a per-entry dict check (tensordict >= 0.15)
@@ -39,3 +39,12 @@ def flat_leaves(td) -> dict | None:
         if type(v) is not torch.Tensor:
             return None
     return d
+
+
+def set_leaf(td: TensorDictBase, key, value: torch.Tensor) -> None:
+    """``td.set(key, value)``; for a plain TensorDict, a string key and a tensor already of
+    its batch size and device, straight into its storage (the checked ``set`` costs ~4 us)."""
+    if type(td) is TensorDict and type(key) is str and (td.device is None or value.device == td.device):
+        td._tensordict[key] = value
+    else:
+        td.set(key, value)

@@ -14,7 +14,7 @@ from .errors import RequestError
 
 __all__ = [
     "group_by_signature", "stack_group", "stack_leaves", "batched_output", "split_rows", "split_leaves",
-    "describe_signature", "explain_failure", "signature_device", "is_fast",
+    "signature_device", "is_fast",
 ]
 
 _FAST = "fast"
@@ -35,19 +35,6 @@ def signature(td) -> tuple:
         else:  # non-tensor data: stackable as long as the key set agrees
             leaves.append((k, type(v).__name__))
     return (_GENERAL, td.batch_size, td.device, tuple(leaves))
-
-
-def describe_signature(sig: tuple) -> str:
-    """Human-readable form of a signature, used in error messages."""
-    _, bs, _, leaves = sig
-    parts = []
-    for leaf in leaves:
-        if len(leaf) == 4:
-            k, shape, dtype, device = leaf
-            parts.append(f"{k!r}: shape={list(shape)} dtype={dtype} device={device}")
-        else:
-            parts.append(f"{leaf[0]!r}: {leaf[1]}")
-    return f"batch_size={list(bs)}, " + ", ".join(parts)
 
 
 def group_by_signature(inputs: list) -> tuple[dict, list]:
@@ -136,50 +123,3 @@ def signature_device(sig: tuple):
         if len(leaf) == 4:
             return leaf[3]
     return None
-
-
-# What a request of the wrong keys, shape or dtype makes a model raise.
-_LAYOUT_ERRORS = (KeyError, RuntimeError, TypeError, ValueError, IndexError)
-
-
-def explain_failure(accepted: dict, sig: tuple, e: Exception) -> Exception:
-    """The model's own error, or a RequestError when an unseen request layout caused it.
-
-    Only plain built-in errors (the kind a shape, dtype or key mismatch
-    raises) are wrapped, and only for a layout the model never accepted while
-    it did accept another (``accepted``: signatures that ran, newest last);
-    the original stays as ``__cause__``.
-    """
-    if type(e) not in _LAYOUT_ERRORS or not accepted or sig in accepted:
-        return e
-    good = next(reversed(accepted))
-    err = RequestError(
-        f"the model failed on a request whose layout differs from the one it accepts "
-        f"({_diff(good, sig)}): {type(e).__name__}: {e}"
-    )
-    err.__cause__ = e
-    return err
-
-
-def _diff(good: tuple, bad: tuple) -> str:
-    g = {leaf[0]: leaf for leaf in good[3]}
-    b = {leaf[0]: leaf for leaf in bad[3]}
-    parts = []
-    missing = [k for k in g if k not in b]
-    extra = [k for k in b if k not in g]
-    if missing:
-        parts.append(f"missing keys {missing}")
-    if extra:
-        parts.append(f"unexpected keys {extra}")
-    for k in g.keys() & b.keys():
-        if g[k] != b[k]:
-            parts.append(f"{k!r} is {_leaf(b[k])}, expected {_leaf(g[k])}")
-    if good[1] != bad[1]:
-        parts.append(f"batch_size {list(bad[1])}, expected {list(good[1])}")
-    return "; ".join(parts) or f"got {describe_signature(bad)}"
-
-
-def _leaf(leaf: tuple) -> str:
-    if len(leaf) == 4:
-        return f"shape={list(leaf[1])} dtype={leaf[2]}"
-    return leaf[1]

@@ -242,6 +242,11 @@ class AsyncBatchedCollector:
         return v
 
     @property
+    def started_at(self) -> float | None:
+        """``time.monotonic()`` when collection started (None before)."""
+        return self._t0
+
+    @property
     def policy_version(self) -> int:
         """Newest version pushed through this collector (or applied by the server)."""
         return max(self._pushed_version, self.server.policy_version)

@@ -10,6 +10,7 @@ import logging
 import multiprocessing as mp
 import os
 import threading
+import time
 
 from .errors import ServerClosedError, ServerDeadError
 from .transports.mp import MPTransport
@@ -146,23 +147,29 @@ class ProcessServer:
         return self._proc is not None and not self._closed and self._proc.is_alive()
 
     def shutdown(self, timeout: float = 5.0) -> None:
-        """Stop the server process (answering what it accepted) and unlink its shared memory."""
+        """Stop the server process (answering what it accepted) and unlink its shared memory.
+
+        Returns within about ``timeout`` seconds: a process that has not
+        stopped by then (stuck, or stopped by a signal) is killed.
+        """
         if self._proc is None or self._closed:
             return
         self._closed = True
+        deadline = time.monotonic() + timeout
         try:
-            if self._proc.is_alive():
-                with self._lock:
-                    self._conn.send(("shutdown", None))
-                    if self._conn.poll(timeout):
-                        self._conn.recv()
+            if self._proc.is_alive() and self._lock.acquire(timeout=timeout):
+                try:
+                    self._conn.send(("shutdown", ()))
+                    self._conn.poll(max(0.0, deadline - time.monotonic()))
+                finally:
+                    self._lock.release()
         except (OSError, EOFError):
             pass
-        self._proc.join(timeout)
+        self._proc.join(max(0.0, deadline - time.monotonic()))
         if self._proc.is_alive():
             log.warning("rlserve: server process did not stop in %s s; killing it", timeout)
-            self._proc.kill()
-            self._proc.join(timeout)
+            self._proc.kill()  # SIGKILL: immediate, even for a stopped process
+            self._proc.join(1.0)
         self._conn.close()
         self.transport.cleanup()  # a crashed server cannot unlink its own segments
 

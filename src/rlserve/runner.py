@@ -29,9 +29,19 @@ from typing import Any, Callable, Sequence
 import torch
 
 from ._fastpath import direct_call
-from ._td import TensorDictBase, new_td
-from .collate import batched_output, explain_failure, group_by_signature, is_fast, signature_device, split_rows, stack_group, stack_leaves
+from ._td import TensorDictBase, new_td, set_leaf
+from .collate import (
+    batched_output,
+    group_by_signature,
+    is_fast,
+    signature_device,
+    split_leaves,
+    split_rows,
+    stack_group,
+    stack_leaves,
+)
 from .errors import ServerDeadError
+from .explain import explain_failure, model_reads
 from .stats import ServerStats
 from .transport import InferenceTransport
 
@@ -69,7 +79,9 @@ class BatchRunner:
         policy_version_key: Any = "policy_version",
     ):
         self.model = model
-        self.direct = direct_call(model) if collate_fn is None else None
+        # the direct call builds flat rows: a nested version key takes the general path
+        flat_key = policy_version_key is None or type(policy_version_key) is str
+        self.direct = direct_call(model) if collate_fn is None and flat_key else None
         self.transport = transport
         self.whole_batches = transport.capabilities.whole_batches
         self.stats = stats
@@ -78,6 +90,7 @@ class BatchRunner:
         self.collate_fn = collate_fn
         self.version_key = policy_version_key
         self.accepted: dict = {}  # signatures the model ran, newest last (bounded): for error messages
+        self.reads = model_reads(model)  # the keys the model reads, when it says: for error messages
         self.forward_avg_s = 0.0  # moving average of forward times
         self.last_batch = 0  # requests in the newest batch
 
@@ -122,7 +135,13 @@ class BatchRunner:
             out = self._forward(batch, sig, n)
             t_fwd = _perf() - t0
             out = self._output(out, sig, n, version)
-            rows = None if self.whole_batches else split_rows(out)
+            if type(out) is dict:  # the direct call's leaves: rows straight from the columns
+                bs = torch.Size([n, *sig[1]])
+                rows = None if self.whole_batches else split_leaves(out, bs, None)
+                if rows is None:
+                    out = new_td(out, bs)
+            else:
+                rows = None if self.whole_batches else split_rows(out)
         except BaseException as e:
             self._fail_group(sig, e, cbs)
             return
@@ -143,20 +162,26 @@ class BatchRunner:
         return batch
 
     def _forward(self, batch: TensorDictBase | dict, sig: tuple, n: int) -> Any:
-        if type(batch) is dict:
-            bs = torch.Size([n, *sig[1]])
-            return new_td(self.direct(batch, bs), bs)
-        return self.model(batch)
+        if type(batch) is dict:  # the direct call: leaves in, leaves out (shapes checked there)
+            return self.direct(batch, torch.Size([n, *sig[1]]))
+        return batched_output(self.model(batch), n)
 
-    def _output(self, out: Any, sig: tuple, n: int, version: int) -> TensorDictBase:
-        out = batched_output(out, n)
+    def _output(self, out: TensorDictBase | dict, sig: tuple, n: int, version: int) -> TensorDictBase | dict:
+        """Move the output where answers go, and stamp its version: the one place answers are stamped."""
         back = self.output_device
         if back is None and self.device is not None:
             back = signature_device(sig)
+        flat = type(out) is dict
         if back is not None:
-            out = out.to(back)
-        if self.version_key is not None:
-            out.set(self.version_key, torch.full(out.batch_size, version, dtype=torch.int64))
+            out = {k: v.to(back) for k, v in out.items()} if flat else out.to(back)
+        key = self.version_key
+        if key is not None:
+            bs = torch.Size([n, *sig[1]]) if flat else out.batch_size
+            column = torch.full(bs, version, dtype=torch.int64, device=back)
+            if flat:
+                out[key] = column
+            else:
+                set_leaf(out, key, column)
         return out
 
     def _answer(self, sig, out, rows, cbs: list, ts: list, t_fwd: float, version: int) -> None:
@@ -180,6 +205,6 @@ class BatchRunner:
     def _fail_group(self, sig: tuple, e: BaseException, cbs: list) -> None:
         """The batch could not run: its callers get the (explained) error."""
         self.stats.errors += len(cbs)
-        self.fail(cbs, explain_failure(self.accepted, sig, e) if isinstance(e, Exception) else e)
+        self.fail(cbs, explain_failure(self.accepted, sig, e, self.reads) if isinstance(e, Exception) else e)
         if not isinstance(e, Exception):
             raise e  # KeyboardInterrupt / SystemExit: the batch is answered, now stop

@@ -325,11 +325,12 @@ class InferenceServer:
 
     def _serve_batch(self, ins: list, cbs: list, ts: list) -> None:
         """Run one drained batch (serve lock held), marking this thread as inside it."""
-        ctx = _context.enter(self.transport)
+        state = _context.state
+        prev, state.transport = state.transport, self.transport
         try:
             self._runner.run(ins, cbs, ts, self.policy_version)
         finally:
-            _context.leave(ctx)
+            state.transport = prev
 
     def _fail_queued(self, exc: BaseException) -> None:
         for _ in range(_FAIL_QUEUED_ROUNDS):
@@ -343,7 +344,7 @@ class InferenceServer:
             self._runner.fail(cbs, exc)
 
     # -- batches on a caller's thread (ServerHandle.run_inline) ----------------------
-    def _run_inline(self, max_forward_s: float) -> bool:
+    def _run_inline(self, max_forward_s: float = math.inf) -> bool:
         """Run one batch on the calling thread; False: the transport wakes the server instead.
 
         The caller is about to block on its own answer anyway, so doing the
@@ -408,12 +409,14 @@ def _left(deadline: float | None) -> float | None:
 class _Handle:
     """The :class:`~rlserve.transport.ServerHandle` of one server: all a transport sees of it."""
 
-    __slots__ = ("_s", "inline_allowed", "__weakref__")
+    __slots__ = ("_s", "inline_allowed", "run_inline", "__weakref__")
 
     def __init__(self, server: InferenceServer):
         self._s = server
         # Caller-run batches: only a greedy server (min_batch_size=1) that allows them.
         self.inline_allowed = server.run_in_caller and server.batching.min_batch_size == 1
+        # ServerHandle.run_inline: the server's own method (one call less on the hot path)
+        self.run_inline = server._run_inline if self.inline_allowed else _never
 
     @property
     def accepting(self) -> bool:
@@ -459,8 +462,9 @@ class _Handle:
     def max_batch_size(self) -> int:
         return self._s.batching.max_batch_size
 
-    def run_inline(self, max_forward_s: float = math.inf) -> bool:
-        return self.inline_allowed and self._s._run_inline(max_forward_s)
-
     def in_batch(self) -> bool:
-        return _context.current() is self._s.transport
+        return _context.state.transport is self._s.transport
+
+
+def _never(max_forward_s: float = math.inf) -> bool:
+    return False

@@ -11,6 +11,9 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# Before Ray is imported (it reads this once): every Ray process a benchmark starts listens on
+# 127.0.0.1 only (Ray 2.60; else it listens on every interface).
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402

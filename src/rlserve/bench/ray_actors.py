@@ -106,6 +106,7 @@ def init_ray() -> None:
     import ray
 
     ray.init(
+        address="local",  # a new instance of our own, never another session's cluster
         num_cpus=2,
         include_dashboard=False,
         log_to_driver=False,

@@ -120,7 +120,7 @@ def train(cfg: DemoConfig, log=print) -> dict:
         "updates": updates,
         "train_time_s": t_train,
         "episodes": len(episodes),
-        "episode_log": [(t - collector._t0, r) for t, _, r, _ in episodes],
+        "episode_log": [(t - collector.started_at, r) for t, _, r, _ in episodes],
         "curve": curve,
         "mean_batch_size": srv["mean_batch_size"],
         "batch_size_hist": srv["batch_size_hist"],

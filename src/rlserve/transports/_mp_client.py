@@ -7,6 +7,13 @@ blocking ``client(td)`` path: match the layout, copy each leaf into the slot,
 send 13 bytes, block on the socket, clone the answer out of the response
 slot. ``submit`` returns a Future that a reader thread resolves.
 
+Threads of one process may share a client. One of them at a time reads the
+socket (whichever needs something and finds nobody reading) and hands out
+whatever arrives; the others wait on a condition, never on the socket, so an
+answer is picked up as soon as it is read and a freed slot is taken at once
+(a thread reading while it waits for a slot is kicked awake by the thread that
+frees one). ``timeout=`` bounds the whole call: registration, slot and answer.
+
 State is committed only once the server has accepted the registration, so a
 failed attempt (server not started, refused, gone) leaves the client ready to
 try again on its next call; so does ``close()``.
@@ -14,17 +21,19 @@ try again on its next call; so does ``close()``.
 from __future__ import annotations
 
 import os
+import select
 import socket
 import struct
 import threading
 import time
 import weakref
 from concurrent.futures import Future, InvalidStateError
+from typing import Callable
 
-
+from .. import _context
 from .._td import TensorDictBase
 from ..errors import QueueFullError, RequestError, ServerClosedError, ServerDeadError
-from ..transport import LIVENESS_PERIOD_S, InferenceClient, wait_future
+from ..transport import LIVENESS_PERIOD_S, InferenceClient, check_timeout
 from . import _wire as W
 from ._shm import Bank, unlink_segment
 
@@ -71,8 +80,7 @@ class MPClient(InferenceClient):
         return (MPClient, (self._cfg,))
 
     def _new_locks(self) -> None:
-        self._lock = threading.RLock()   # one thread reads the socket at a time
-        self._cv = threading.Condition(threading.Lock())  # slot freed / answer in
+        self._cv = threading.Condition(threading.Lock())  # guards the state below; slot freed / answer in
         self._conn_lock = threading.Lock()  # one registration at a time
 
     def _reset_state(self) -> None:
@@ -88,7 +96,10 @@ class MPClient(InferenceClient):
         self._registered = False
         self._contacted = False  # a message reached the server once: losing it now means it died
         self._server_pid = None
-        self._reader = None
+        self._reader = None  # the thread reading for submit() futures while no caller does
+        self._reading = False  # a thread is reading the socket (one at a time)
+        self._reader_wants_slot = False  # ...and waits for a free slot: kick it when one is freed
+        self._addr = None  # our socket's address (for kicks)
         self._buf = bytearray(W.HLEN + W.INLINE_MAX + 64)
         self._view = memoryview(self._buf)
 
@@ -106,31 +117,38 @@ class MPClient(InferenceClient):
         self._reset_state()
 
     # -- connection --------------------------------------------------------------
-    def _ensure_registered(self) -> None:
+    def _ensure_registered(self, deadline: float | None) -> None:
         if self._pid == os.getpid() and self._closed_seen is None:
             return
-        with self._conn_lock:
+        if not self._conn_lock.acquire(timeout=-1 if deadline is None else max(0.0, deadline - time.monotonic())):
+            raise TimeoutError("no answer from the inference server in time (still registering)")
+        try:
             if self._pid == os.getpid():
                 if self._closed_seen is None:
                     return
                 if not self._server_reachable():
                     raise self._gone()
                 self._close_socket()  # the server is back (restarted): register anew
-            self._connect()
+            self._connect(deadline)
+        finally:
+            self._conn_lock.release()
 
-    def _connect(self) -> None:
+    def _connect(self, deadline: float | None) -> None:
         """Open a socket and register with the server; commit only on success."""
         self._reset_state()
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        limit = time.monotonic() + _REGISTER_TIMEOUT_S
+        deadline = limit if deadline is None else min(deadline, limit)
         try:
-            sock.bind(W.client_address(self._token))
+            addr = W.client_address(self._token)
+            sock.bind(addr)
             _set_timeouts(sock, LIVENESS_PERIOD_S)
-            self._sock = sock
+            self._sock, self._addr = sock, addr
             self._send(W.pack(W.REGISTER, 0, 0.0, W.encode(os.getpid(), self._token)))
             self._contacted = True
-            deadline = time.monotonic() + _REGISTER_TIMEOUT_S
-            while not self._registered:
-                self._pump_one(deadline)
+            while not self._registered:  # nobody else reads a socket not yet committed
+                if not self._pump_one(deadline) and time.monotonic() >= deadline:
+                    raise TimeoutError("no answer from the inference server in time (registering)")
         except BaseException:
             self._sock = None
             self._registered = False
@@ -187,22 +205,43 @@ class MPClient(InferenceClient):
         return ServerClosedError(
             "no InferenceServer is serving this MPTransport (not started yet, shut down, or its process died)")
 
-    def _lost(self) -> Exception:
-        """The server cannot be reached: read what it sent before deciding closed vs dead."""
-        sock = self._sock
-        if sock is not None and self._closed_seen is None and self._lock.acquire(timeout=1.0):
+    def _lost(self, reading: bool) -> Exception:
+        """The server cannot be reached: read what it sent before deciding closed vs dead.
+
+        ``reading``: this thread holds the reading turn; else it takes the
+        turn if free, or gives the thread holding it a liveness period to read.
+        """
+        if not reading and self._sock is not None:
+            with self._cv:
+                if self._reading:
+                    self._cv.wait_for(lambda: self._closed_seen is not None or not self._reading, LIVENESS_PERIOD_S)
+                if self._reading or self._closed_seen is not None:
+                    return self._gone()
+                self._reading = True
             try:
-                while True:  # a clean shutdown left CLOSED (and maybe answers) in our queue
-                    try:
-                        n = sock.recv_into(self._buf, 0, socket.MSG_DONTWAIT)
-                    except (BlockingIOError, TimeoutError, OSError):
-                        break
-                    self._dispatch(n)
-            except Exception:
-                pass
+                self._drain_queue()
             finally:
-                self._lock.release()
+                with self._cv:
+                    self._reading = False
+                    self._cv.notify_all()
+        elif reading:
+            self._drain_queue()
         return self._gone()
+
+    def _drain_queue(self) -> None:
+        """Dispatch what is already queued on our socket (a clean shutdown left CLOSED there)."""
+        sock = self._sock
+        if sock is None or self._closed_seen is not None:
+            return
+        try:
+            while True:
+                try:
+                    n = sock.recv_into(self._buf, 0, socket.MSG_DONTWAIT)
+                except (BlockingIOError, TimeoutError, OSError):
+                    break
+                self._dispatch(n)
+        except Exception:
+            pass
 
     def _server_reachable(self) -> bool:
         probe = self._probe
@@ -214,7 +253,7 @@ class MPClient(InferenceClient):
         except (ConnectionRefusedError, FileNotFoundError):
             return False
 
-    def check_alive(self) -> None:
+    def check_alive(self, reading: bool = False) -> None:
         """Raise ServerClosedError/ServerDeadError unless the server process and socket still exist.
 
         ``connect`` on a datagram socket only looks the address up: it puts
@@ -224,11 +263,10 @@ class MPClient(InferenceClient):
             raise self._gone()
         pid = self._server_pid
         if (pid is not None and not W.pid_alive(pid)) or not self._server_reachable():
-            raise self._lost()
+            raise self._lost(reading)
 
     def may_still_answer(self) -> bool:
-        # The reader thread resolves every pending future, with an error at worst.
-        return self._reader is not None
+        return False  # the server answers through this socket only while it is reachable
 
     def _send(self, msg) -> None:
         while True:
@@ -236,23 +274,68 @@ class MPClient(InferenceClient):
                 self._sock.sendto(msg, self._srv)
                 return
             except (ConnectionRefusedError, FileNotFoundError):
-                raise self._lost() from None
+                raise self._lost(False) from None
             except (BlockingIOError, TimeoutError):
                 self._contacted = True  # a live server whose queue is full: it drains it soon
                 self.check_alive()
 
     # -- receiving ---------------------------------------------------------------------
-    def _pump_one(self, deadline) -> bool:
-        """Read and dispatch one message (False if none came within the liveness period)."""
+    def _pump_one(self, deadline: float | None) -> bool:
+        """Read and dispatch one message; False if none came within the liveness period (or
+        before ``deadline``). Only the thread holding the reading turn calls this."""
+        sock = self._sock
         try:
-            n = self._sock.recv_into(self._buf)
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left < LIVENESS_PERIOD_S:
+                # a deadline sooner than the socket's own timeout: wait for exactly that long
+                if not select.select([sock], [], [], max(0.0, left))[0]:
+                    raise TimeoutError
+                n = sock.recv_into(self._buf, 0, socket.MSG_DONTWAIT)
+            else:
+                n = sock.recv_into(self._buf)
         except (BlockingIOError, TimeoutError):
-            self.check_alive()
-            if deadline is not None and time.monotonic() >= deadline:
-                raise TimeoutError("no answer from the inference server in time") from None
+            self.check_alive(reading=True)
             return False
         self._dispatch(n)
         return True
+
+    def _await(self, ready: Callable[[], bool], deadline: float | None, wants_slot: bool = False) -> bool:
+        """Block until ``ready()`` (evaluated under ``_cv``); False once ``deadline`` passed first.
+
+        Whoever finds nobody reading takes the reading turn: it reads one
+        message (or waits out one liveness period), hands out what came, and
+        gives the turn back, so a waiting thread picks up its answer as soon
+        as anyone reads it. Raises if the server is gone.
+        """
+        cv = self._cv
+        with cv:
+            while not ready():
+                if deadline is not None and time.monotonic() >= deadline:
+                    return False
+                if self._closed_seen is not None:
+                    raise self._gone()
+                if self._reading:
+                    left = LIVENESS_PERIOD_S if deadline is None else min(LIVENESS_PERIOD_S, deadline - time.monotonic())
+                    cv.wait(max(0.0, left))
+                    continue
+                self._reading = True
+                self._reader_wants_slot = wants_slot
+                cv.release()
+                try:
+                    self._pump_one(deadline)
+                finally:
+                    cv.acquire()
+                    self._reading = False
+                    self._reader_wants_slot = False
+                    cv.notify_all()  # a waiting thread may take the turn over
+        return True
+
+    def _kick(self) -> None:
+        """Wake the thread reading the socket (it waits for a slot that was just freed)."""
+        try:
+            self._sock.sendto(W.pack(W.KICK, 0, 0.0), socket.MSG_DONTWAIT, self._addr)
+        except OSError:  # our own queue is full: the reader has messages to read anyway
+            pass
 
     def _dispatch(self, n: int) -> None:
         kind, slot, _ = W.HEADER.unpack_from(self._buf)
@@ -332,6 +415,8 @@ class MPClient(InferenceClient):
         self._busy.discard(slot)
         self._free.append(slot)
         self._cv.notify_all()
+        if self._reader_wants_slot:
+            self._kick()
 
     # -- requests ----------------------------------------------------------------------
     def _try_take(self):
@@ -342,28 +427,25 @@ class MPClient(InferenceClient):
                 return slot
         return None
 
-    def _take_slot(self, timeout) -> int:
+    def _take_slot(self, deadline: float | None) -> int:
         slot = self._try_take()
         if slot is not None:
             return slot
         if not self._cfg["block_when_full"]:
             raise QueueFullError(f"{self._per} requests of this client already in flight (max_inflight)")
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            if self._reader is None:
-                with self._lock:  # nobody else reads: read answers ourselves
-                    if not self._free:
-                        self._pump_one(None)
-            else:
-                with self._cv:
-                    if not self._free:
-                        self._cv.wait(LIVENESS_PERIOD_S)
-                self.check_alive()
-            slot = self._try_take()
-            if slot is not None:
-                return slot
-            if deadline is not None and time.monotonic() >= deadline:
-                raise QueueFullError(f"no free slot within {timeout} s: {self._per} requests in flight")
+        got = []
+
+        def take() -> bool:  # under _cv
+            if self._free:
+                slot = self._free.pop()
+                self._busy.add(slot)
+                got.append(slot)
+                return True
+            return False
+
+        if not self._await(take, deadline, wants_slot=True):
+            raise QueueFullError(f"no free slot before the call's timeout: {self._per} requests in flight")
+        return got[0]
 
     def _post(self, td, slot: int) -> None:
         bank = self._req_bank
@@ -379,11 +461,11 @@ class MPClient(InferenceClient):
             self._sent_files[slot] = payload[1:].decode()
         self._send(W.pack(W.REQ_PICKLE, slot, _perf(), payload))
 
-    def _start(self, td, timeout, fut=None):
+    def _start(self, td, deadline: float | None, fut=None):
         if not isinstance(td, TensorDictBase):
             raise RequestError(f"request must be a TensorDict, got {type(td).__name__}")
-        self._ensure_registered()
-        slot = self._take_slot(timeout)
+        self._ensure_registered(deadline)
+        slot = self._take_slot(deadline)
         if fut is not None:
             with self._cv:  # registered before sending: the answer may come at once
                 self._futures[slot] = fut
@@ -400,17 +482,15 @@ class MPClient(InferenceClient):
         return slot
 
     def __call__(self, td: TensorDictBase, timeout: float | None = None) -> TensorDictBase:
-        """Submit ``td`` and wait for its answer (at most ``timeout`` seconds)."""
-        if self._futures or self._reader is not None:  # a reader thread owns the socket
-            return wait_future(self.submit(td), timeout, self)
-        slot = self._start(td, timeout)
-        deadline = None if timeout is None else time.monotonic() + timeout
+        """Submit ``td`` and wait for its answer; ``timeout`` bounds the whole call."""
+        deadline = check_timeout(timeout)
+        if self._transport is not None and _context.state.transport is self._transport:
+            raise _context.reentry_error()
+        slot = self._start(td, deadline)
         done = self._done
         try:
-            while slot not in done:
-                with self._lock:
-                    if slot not in done:
-                        self._pump_one(deadline)
+            if not self._await(lambda: slot in done, deadline):
+                raise TimeoutError(f"no answer from the inference server within {timeout} s")
         except BaseException:
             with self._cv:
                 if slot in done:
@@ -427,7 +507,7 @@ class MPClient(InferenceClient):
         return res
 
     def submit(self, td: TensorDictBase) -> Future:
-        """Submit ``td``; returns a Future resolved by this process's reader thread."""
+        """Submit ``td``; returns a Future (resolved by whichever thread of this process reads)."""
         fut = Future()
         self._start(td, None, fut)
         with self._cv:
@@ -437,14 +517,15 @@ class MPClient(InferenceClient):
         return fut
 
     def _read_loop(self) -> None:
+        """Read for submit() futures while any is pending (taking turns with blocked callers)."""
+        def finished() -> bool:  # under _cv
+            if self._futures:
+                return False
+            self._reader = None
+            return True
+
         try:
-            while True:
-                with self._lock:
-                    with self._cv:
-                        if not self._futures:
-                            self._reader = None
-                            return
-                    self._pump_one(None)
+            self._await(finished, None)
         except BaseException as e:  # server gone: fail every pending future
             with self._cv:
                 futs, self._futures = self._futures, {}

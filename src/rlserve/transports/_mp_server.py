@@ -25,7 +25,7 @@ import torch
 from .._td import TensorDict, TensorDictBase
 from ..errors import QueueFullError, RequestError, picklable_exception
 from . import _wire as W
-from ._shm import SHM_PREFIX, Bank, Layout, unlink_segment, unlink_token
+from ._shm import SHM_PREFIX, Bank, Layout, unlink_segment, unlink_token, walk_layout
 
 log = logging.getLogger("rlserve")
 _perf = time.perf_counter
@@ -364,15 +364,15 @@ class ServerSide:
         L = bank.layout
         if out.batch_size[1:] != L.batch_size:
             return None
-        if not self.resp_declared:  # learned layouts must match exactly, no extra keys
-            if len(list(out.keys(include_nested=True, leaves_only=True))) != len(L.leaves):
+        if self.resp_declared:  # only the declared keys travel (documented): extra ones may be anything
+            vals = [out.get(k, None) for k, _, _ in L.leaves]
+        else:  # a learned layout must match exactly: no extra key, no non-tensor entry
+            vals = [None] * len(L.leaves)
+            if not walk_layout(out._tensordict, L, vals):
                 return None
-        vals = []
-        for k, shape, dtype in L.leaves:
-            v = out.get(k, None)
+        for (_, shape, dtype), v in zip(L.leaves, vals):
             if type(v) is not torch.Tensor or v.dtype != dtype or v.shape[1:] != shape or not v.is_cpu:
                 return None
-            vals.append(v)
         return vals
 
     def resolve_pickled(self, slot: int, row) -> None:

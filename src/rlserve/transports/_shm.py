@@ -22,7 +22,7 @@ import torch
 
 from .._td import TensorDict, new_td
 
-__all__ = ["Layout", "Bank", "SHM_DIR", "SHM_PREFIX", "unlink_segment", "unlink_token"]
+__all__ = ["Layout", "Bank", "SHM_DIR", "SHM_PREFIX", "unlink_segment", "unlink_token", "walk_layout"]
 
 SHM_DIR = "/dev/shm"
 SHM_PREFIX = "rlserve_"
@@ -85,11 +85,10 @@ class Layout:
         if type(td) is not TensorDict:
             return None
         leaves = []
-        for k, v in td.items(include_nested=True, leaves_only=True):
-            if type(v) is not torch.Tensor or v.device.type != "cpu" or v.is_sparse:
-                return None
-            shape = v.shape[1:] if drop_leading else v.shape
-            leaves.append((k, shape, v.dtype))
+        if not _dense_leaves(td._tensordict, (), leaves):
+            return None
+        if drop_leading:
+            leaves = [(k, s[1:], d) for k, s, d in leaves]
         if not leaves:
             return None
         bs = td.batch_size[1:] if drop_leading else td.batch_size
@@ -107,6 +106,10 @@ class Layout:
     def __repr__(self):
         body = ", ".join(f"{k!r}: {list(s)} {str(d).replace('torch.', '')}" for k, s, d in self.leaves)
         return f"Layout(batch_size={list(self.batch_size)}, {body})"
+
+    def tree(self) -> dict:
+        """Nested ``{key: subtree or leaf index}`` of this layout's keys."""
+        return self._tree
 
     def match(self, td) -> list | None:
         """``td``'s leaf tensors in layout order if ``td`` fits exactly, else None.
@@ -167,6 +170,27 @@ class Layout:
 
     def nbytes(self) -> int:
         return sum(_aligned(s.numel() * _itemsize(d)) for _, s, d in self.leaves)
+
+
+def _dense_leaves(d: dict, prefix: tuple, out: list) -> bool:
+    """Append ``(key, shape, dtype)`` of every leaf; False if any entry is not a dense CPU
+    tensor or a plain TensorDict of them (non-tensor data never fits a bank: it would be lost)."""
+    for k, v in d.items():
+        key = prefix + (k,)
+        if type(v) is TensorDict:
+            if not _dense_leaves(v._tensordict, key, out):
+                return False
+        elif type(v) is not torch.Tensor or v.device.type != "cpu" or v.is_sparse:
+            return False
+        else:
+            out.append((key[0] if len(key) == 1 else key, v.shape, v.dtype))
+    return True
+
+
+def walk_layout(d: dict, layout: Layout, out: list) -> bool:
+    """Fill ``out`` with the tensors of a TensorDict's storage ``d`` in ``layout`` order; False
+    unless ``d`` has exactly the layout's keys, each a tensor (shapes and dtypes not checked)."""
+    return _walk(d, layout.tree(), out)
 
 
 def _walk(d: dict, tree: dict, out: list) -> bool:

@@ -4,7 +4,7 @@ Woken together, 16 threads fight for the GIL, and each lost round is a sleep
 and a wake-up (~5-10 us of kernel time on a VM): at 16 threads that was ~7
 context switches per request; in turn it is ~2, and throughput rose ~1.8x.
 The server wakes the first caller of a batch; each woken caller wakes the
-next one as soon as it runs (``_pass_turn``), before it returns to its own
+next one as soon as it runs (``pass_turn``), before it returns to its own
 work. Batches with fewer than ``_TURN_MIN`` blocked callers wake them all at
 once.
 
@@ -16,8 +16,8 @@ Liveness: no caller is stranded by the turn.
   holder was interrupted between waking and passing it on) is taken over by
   the next delivered batch, which wakes everyone waiting.
 * The server wakes whoever still waits when it goes idle or exits
-  (``_release_answered``); a caller taken off the turn but never woken
-  rescues itself at its next liveness check (``_stranded``).
+  (``release_answered``); a caller taken off the turn but never woken
+  rescues itself at its next liveness check (``stranded``).
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ import time
 from collections import deque
 from _thread import allocate_lock
 
-__all__ = ["Waiter", "TurnWaking", "release"]
+__all__ = ["Waiter", "Turns", "release"]
 
 _perf = time.perf_counter
 # A turn that has not moved on for this long while callers wait for it is lost (its holder was
@@ -74,21 +74,21 @@ def release(w: Waiter) -> bool:
         return False
 
 
-class TurnWaking:
-    """Mixin of ThreadingTransport: blocked callers answered in a batch are woken in turn."""
+class Turns:
+    """The turn of one ThreadingTransport: its blocked callers answered in a batch, woken in turn."""
 
-    def _init_turns(self) -> None:
-        self._answered: list = []  # blocked callers answered in the batch being delivered
-        self._turns: deque = deque()  # answered blocked callers waiting for their turn to be woken
-        self._baton = allocate_lock()  # held by whoever must wake the next of _turns
-        self._last_pass = 0.0  # when the turn last moved on (a turn stuck longer is taken over)
+    def __init__(self):
+        self.answered: list = []  # blocked callers answered in the batch being delivered
+        self.queue: deque = deque()  # answered blocked callers waiting for their turn to be woken
+        self.baton = allocate_lock()  # held by whoever must wake the next of the queue
+        self.last_pass = 0.0  # when the turn last moved on (a turn stuck longer is taken over)
 
-    def _park(self, w: Waiter, result) -> None:
-        """Answer a blocked caller; it is woken in turn by ``_wake_answered``."""
+    def park(self, w: Waiter, result) -> None:
+        """Answer a blocked caller; it is woken in turn by ``wake_answered``."""
         w.result = result
-        self._answered.append(w)
+        self.answered.append(w)
 
-    def _wake_answered(self) -> None:
+    def wake_answered(self) -> None:
         """After each delivered batch: queue its blocked callers for their turn.
 
         Wakes the first one unless a turn is already going round (callers of
@@ -96,61 +96,61 @@ class TurnWaking:
         batch's callers, so at most about two threads want the GIL at once.
         Fewer than ``_TURN_MIN`` callers are all woken at once.
         """
-        answered = self._answered
+        answered = self.answered
         if answered:
-            self._answered = []
+            self.answered = []
             if len(answered) < _TURN_MIN:
                 for w in answered:  # too few to fight much over the GIL: no serial wake-ups
                     release(w)
             else:
-                self._turns.extend(answered)
-        if not self._turns:
+                self.queue.extend(answered)
+        if not self.queue:
             return
-        if not self._baton.acquire(False):
-            if self._turns and _perf() - self._last_pass >= _TURN_STUCK_S:
+        if not self.baton.acquire(False):
+            if self.queue and _perf() - self.last_pass >= _TURN_STUCK_S:
                 # Lost: its holder was interrupted between waking and passing it on. Wake
                 # everyone waiting and put the baton down: the next batch starts afresh.
-                self._release_answered()
+                self.release_answered()
             return  # else the turn going round reaches them
-        self._pass_turn()
+        self.pass_turn()
 
-    def _pass_turn(self) -> None:
+    def pass_turn(self) -> None:
         """Holding the baton: wake the next caller in turn (the baton goes with it), or put it down."""
-        turns = self._turns
+        queue = self.queue
         while True:
             try:
-                w = turns.popleft()  # atomic under the GIL: each caller is woken exactly once
+                w = queue.popleft()  # atomic under the GIL: each caller is woken exactly once
             except IndexError:
                 try:
-                    self._baton.release()
-                except RuntimeError:  # released by _release_answered meanwhile
+                    self.baton.release()
+                except RuntimeError:  # released by release_answered meanwhile
                     pass
                 # callers queued after popleft() failed and before release(): nobody else will wake them
-                if turns and self._baton.acquire(False):
+                if queue and self.baton.acquire(False):
                     continue
                 return
             w.turn = True
-            self._last_pass = _perf()
+            self.last_pass = _perf()
             if not release(w):
                 continue
             # A caller that gave up never takes its turn: take it back, unless its own
-            # thread did (_abandon); the lock decides which of us goes on.
+            # thread did (abandon); the lock decides which of us goes on.
             if not w.abandoned or not w.lock.acquire(False):
                 return
             w.turn = False
 
-    def _abandon(self, w: Waiter) -> None:
+    def abandon(self, w: Waiter) -> None:
         """A blocked caller leaves ``w`` for good (timeout, interrupt): pass on a turn it got."""
         w.abandoned = True
         if w.lock.acquire(False) and w.turn:
             w.turn = False
-            self._pass_turn()
+            self.pass_turn()
 
-    def _stranded(self, w: Waiter) -> bool:
+    def stranded(self, w: Waiter) -> bool:
         """``w`` was answered and taken off the turn, but nobody woke it (its waker was interrupted)."""
-        return w.result is not None and w not in self._turns and w not in self._answered
+        return w.result is not None and w not in self.queue and w not in self.answered
 
-    def _release_answered(self) -> None:
+    def release_answered(self) -> None:
         """When the server stops waiting for callers to come back: wake all still waiting for a turn.
 
         The turn goes round only as fast as woken callers get to run, and a
@@ -158,19 +158,19 @@ class TurnWaking:
         this bounds both. Then the baton is put down, so the next batch starts
         a fresh turn.
         """
-        answered = self._answered
+        answered = self.answered
         if answered:  # answered through resolve() by a method that never woke them
-            self._answered = []
-            self._turns.extend(answered)
-        turns = self._turns
+            self.answered = []
+            self.queue.extend(answered)
+        queue = self.queue
         while True:
             try:
-                w = turns.popleft()
+                w = queue.popleft()
             except IndexError:
                 break
             release(w)
-        if self._baton.locked():
+        if self.baton.locked():
             try:
-                self._baton.release()
+                self.baton.release()
             except RuntimeError:
                 pass

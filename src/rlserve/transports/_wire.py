@@ -32,6 +32,7 @@ REGISTER = 3      # payload: pid
 BYE = 4           # the client is closing; its slots can be reused
 PING = 5          # liveness probe (a send that fails means the server is gone)
 WAKE = 6          # the server waking its own wait_for_work
+KICK = 7          # a client thread waking the one of its threads that reads its socket
 # server -> client
 ANS_FAST = 11     # the answer is in the slot of the response bank
 ANS_PICKLE = 12   # payload: the pickled answer

@@ -38,7 +38,7 @@ from ..transport import (
     check_timeout,
     wait_live,
 )
-from ._turns import TurnWaking, Waiter
+from ._turns import Turns, Waiter
 
 __all__ = ["ThreadingTransport", "ThreadingClient"]
 
@@ -50,7 +50,7 @@ _RETURN_SLICE_S = 0.0002
 _RETURN_PER_CALLER_S = 0.00005
 
 
-class ThreadingTransport(TurnWaking, InferenceTransport):
+class ThreadingTransport(InferenceTransport):
     """In-process transport for actor threads.
 
     Args:
@@ -80,7 +80,7 @@ class ThreadingTransport(TurnWaking, InferenceTransport):
         self._max_batch = 1
         self._wake_at = 1  # a sleeping server wants waking once this many requests are queued
         self._mark = -1  # requests queued when the newest batch began to be answered (-1: not yet)
-        self._init_turns()
+        self.turns = Turns()  # blocked callers answered, woken in turn (_turns.py)
 
     # -- actor side ------------------------------------------------------------
     def submit(self, td: TensorDictBase) -> Future:
@@ -209,10 +209,13 @@ class ThreadingTransport(TurnWaking, InferenceTransport):
             # (done-callbacks): the resubmit wait counts from the queue as it is now.
             self._mark = len(self._q)
         room = self._room
+        turns = self.turns
+        park = turns.answered.append  # parked until wake_answered (below) wakes them in turn
         try:
             for cb, row in zip(callbacks, rows):
                 if type(cb) is Waiter:
-                    self._park(cb, row)
+                    cb.result = row
+                    park(cb)
                 else:
                     try:
                         cb.set_result(row)
@@ -223,7 +226,7 @@ class ThreadingTransport(TurnWaking, InferenceTransport):
                 if room is not None:
                     room.release()
         finally:
-            self._wake_answered()
+            turns.wake_answered()
 
     def resolve_exception(self, callback, exc: BaseException) -> None:
         try:
@@ -242,7 +245,7 @@ class ThreadingTransport(TurnWaking, InferenceTransport):
             time.sleep(0)
 
     def on_idle(self) -> None:
-        self._release_answered()  # a turn-by-turn wake-up cut short
+        self.turns.release_answered()  # a turn-by-turn wake-up cut short
 
     def _let_callers_return(self, answered: int) -> None:
         """Give the actor threads just answered the GIL to resubmit before the next forward.
@@ -272,7 +275,7 @@ class ThreadingTransport(TurnWaking, InferenceTransport):
                     return
                 have = now
         finally:
-            self._release_answered()  # callers still waiting for their turn: slow, or a turn cut short
+            self.turns.release_answered()  # callers still waiting for their turn: slow, or a turn cut short
 
 
 class ThreadingClient(InferenceClient):
@@ -297,7 +300,7 @@ class ThreadingClient(InferenceClient):
     def __call__(self, td: TensorDictBase, timeout: float | None = None) -> TensorDictBase:
         tr = self._transport
         tr.check_alive()
-        if _context.current() is tr:
+        if _context.state.transport is tr:
             raise _context.reentry_error()
         local = self._local
         try:
@@ -329,11 +332,11 @@ class ThreadingClient(InferenceClient):
                 del local.waiter
             except AttributeError:  # already retired by _slow_wait
                 pass
-            tr._abandon(w)
+            tr.turns.abandon(w)
             raise
         if w.turn and not w.abandoned:  # woken in turn with other callers: wake the next one first
             w.turn = False
-            tr._pass_turn()
+            tr.turns.pass_turn()
         exc = w.exc
         if exc is not None:
             w.exc = None
@@ -346,7 +349,7 @@ class ThreadingClient(InferenceClient):
         tr = self._transport
 
         def rescue() -> bool:
-            if not tr._stranded(w):
+            if not tr.turns.stranded(w):
                 return False
             # Answered and taken off the turn by a thread interrupted before it woke us:
             # nobody will. Retire this mailbox (a late waker sees it abandoned) and take it.
@@ -354,7 +357,7 @@ class ThreadingClient(InferenceClient):
                 del self._local.waiter  # retired first, as in __call__
             except AttributeError:
                 pass
-            tr._abandon(w)
+            tr.turns.abandon(w)
             return True
 
         wait_live(lambda s: w.lock.acquire(timeout=s), tr, deadline, tick=rescue,
