@@ -37,7 +37,7 @@ test-td014: .venv-td014/.installed
 .venv-td014/.installed: pyproject.toml constraints-td014.txt
 	$(PYTHON) -m venv .venv-td014
 	.venv-td014/bin/python -m pip install -q "$(TORCH)"
-	.venv-td014/bin/python -m pip install -q -c constraints-td014.txt -e ".[test]"
+	.venv-td014/bin/python -m pip install -q -c constraints-td014.txt -e ".[test]" torchrl==0.14.1
 	@.venv-td014/bin/python -c "import tensordict; print('tensordict', tensordict.__version__)"
 	touch $@
 

@@ -26,6 +26,8 @@ import subprocess
 import sys
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
+# Before Ray is imported (either tree's benchmark may start it): Ray on 127.0.0.1 only (Ray 2.60).
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 
 
 def _common():

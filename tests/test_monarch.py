@@ -93,12 +93,14 @@ def test_driver_hosted_server(mesh):
     tr = MonarchTransport()
     try:
         callers = mesh.spawn("callers_b", Caller, tr.client())
-        res = list(callers.call.call(1.0).get(timeout=60).values())
-        assert all(r[0] == "err" and r[1] == "ServerClosedError" for r in res)  # not started yet
+        early = callers.call.call(1.0)  # before start: these wait for the server (as with torchrl)
+        time.sleep(1.0)
         with InferenceServer(seed_policy(), tr, max_batch_size=8) as server:
+            res = list(early.get(timeout=60).values())
+            assert all(r[0] == "ok" for r in res), res
             res = list(callers.call.call(1.0).get(timeout=60).values())
             assert all(r[0] == "ok" for r in res), res
-            assert server.stats()["requests"] == 4
+            assert server.stats()["requests"] == 8
         with pytest.raises(ServerClosedError):
             tr.client()(obs(1), timeout=10)
     finally:

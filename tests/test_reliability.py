@@ -118,12 +118,15 @@ def test_cancelled_and_abandoned_futures_do_not_harm_the_server():
         assert [client.submit(good()) for _ in range(64)][-1].result(timeout=10) is not None
 
 
-def test_submit_before_start_and_after_shutdown_raise_at_once(policy):
+def test_submit_before_start_is_served_after_it_and_after_shutdown_raises_at_once(policy):
     transport = ThreadingTransport()
     client = transport.client()
-    with pytest.raises(ServerClosedError, match="start"):
-        client(good())
+    early = client.submit(good())  # queued until a server starts (as torchrl does)
+    with pytest.raises(TimeoutError):
+        client(good(), timeout=0.2)  # a blocking call before start waits, up to its timeout
+    assert not early.done()
     server = InferenceServer(policy, transport).start()
+    assert early.result(timeout=10)["action"].shape == (4,)
     assert client(good()) is not None
     server.shutdown()
     assert not server.is_alive

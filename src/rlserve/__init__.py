@@ -6,6 +6,8 @@ so ``import rlserve`` stays light and works without Ray or Monarch installed.
 """
 from importlib import import_module
 
+from .client_module import PolicyClientModule
+from .config import InferenceDeviceConfig, InferenceServerConfig
 from .errors import QueueFullError, RequestError, RLServeError, ServerClosedError, ServerDeadError
 from .server import InferenceServer
 from .stats import format_stats
@@ -19,6 +21,11 @@ __version__ = "0.1.0"
 _LAZY = {
     "MPTransport": ".transports.mp",
     "ProcessServer": ".process_server",
+    "ProcessInferenceServer": ".process_server",
+    "RayInferenceServer": ".ray_server",
+    "SlotTransport": ".transports.slots",
+    "SharedMemoryTransport": ".transports.slots",
+    "ProcessSlotTransport": ".transports.slots",
     "RayTransport": ".transports.ray",
     "MonarchTransport": ".transports.monarch",
     "SharedMemWeightSyncScheme": ".weight_sync.shared_mem",
@@ -30,6 +37,9 @@ _LAZY = {
 
 __all__ = [
     "InferenceServer",
+    "InferenceServerConfig",
+    "InferenceDeviceConfig",
+    "PolicyClientModule",
     "InferenceClient",
     "InferenceTransport",
     "TransportCapabilities",

@@ -1,16 +1,17 @@
 """The hot path: group requests by signature, stack them, split outputs into rows.
 
 A *signature* is what must agree for requests to be stacked together: batch
-size, keys, and each leaf's shape, dtype and device. Requests with different
-signatures go to different groups (and forward passes) so one odd request
-never breaks its neighbours.
+size, keys, each leaf's shape, dtype and device, and the caller's interaction
+type (``interaction.py``). Requests with different signatures go to different
+groups (and forward passes) so one odd request never breaks its neighbours.
 """
 from __future__ import annotations
 
 import torch
 
-from ._td import TensorDict, TensorDictBase, flat_leaves, new_td
+from ._td import TensorDictBase, flat_leaves, new_td
 from .errors import RequestError
+from .interaction import MARKER, request_code
 
 __all__ = [
     "group_by_signature", "stack_group", "stack_leaves", "batched_output", "split_rows", "split_leaves",
@@ -22,10 +23,13 @@ _GENERAL = "general"
 
 
 def signature(td) -> tuple:
-    """Hashable signature of one request; raises RequestError if it has none."""
+    """Hashable signature of one request: ``(kind, batch size, device, leaves, interaction code)``;
+    raises RequestError if it has none."""
     d = flat_leaves(td)
     if d is not None:
-        return (_FAST, td.batch_size, td.device, tuple([(k, v.shape, v.dtype, v.device) for k, v in d.items()]))
+        m = d.get(MARKER)
+        return (_FAST, td.batch_size, td.device, tuple([(k, v.shape, v.dtype, v.device) for k, v in d.items()]),
+                None if m is None else request_code(m))
     if not isinstance(td, TensorDictBase):
         raise RequestError(f"request must be a TensorDict, got {type(td).__name__}")
     leaves = []
@@ -34,7 +38,8 @@ def signature(td) -> tuple:
             leaves.append((k, v.shape, v.dtype, v.device))
         else:  # non-tensor data: stackable as long as the key set agrees
             leaves.append((k, type(v).__name__))
-    return (_GENERAL, td.batch_size, td.device, tuple(leaves))
+    m = td.get(MARKER, None)
+    return (_GENERAL, td.batch_size, td.device, tuple(leaves), None if m is None else request_code(m))
 
 
 def group_by_signature(inputs: list) -> tuple[dict, list]:

@@ -26,19 +26,23 @@ class HostedServer:
         server_kwargs: keyword arguments of :class:`~rlserve.InferenceServer`.
     """
 
-    COMMANDS = ("stats", "update_weights", "shutdown", "pid", "ping")
+    COMMANDS = ("stats", "update_weights", "shutdown", "pid", "ping", "policy_version", "health")
 
-    def __init__(self, policy_factory: Callable[[], Any], transport: InferenceTransport, server_kwargs: dict):
+    def __init__(self, policy_factory: Callable[[], Any], transport: InferenceTransport, server_kwargs: dict,
+                 initial_weights: tuple | None = None):
         self.transport = transport
-        self.server = InferenceServer(policy_factory(), transport, **server_kwargs).start()
+        self.server = InferenceServer(policy_factory(), transport, **server_kwargs)
+        if initial_weights is not None:  # a restarted owner: the newest weights it sent, with their version
+            self.server.update_weights(*initial_weights)
+        self.server.start()
 
     @property
     def is_alive(self) -> bool:
         return self.server.is_alive
 
-    def stats(self) -> dict:
+    def stats(self, reset: bool = False) -> dict:
         """The server's stats, plus ``"transport"``: the transport's own figures, if it has any."""
-        s = self.server.stats()
+        s = self.server.stats(reset=reset)
         usage = self.transport.usage()
         if usage:
             s["transport"] = usage
@@ -55,6 +59,12 @@ class HostedServer:
 
     def ping(self) -> bool:
         return True
+
+    def policy_version(self) -> int:
+        return self.server.policy_version
+
+    def health(self) -> dict:
+        return {"alive": self.server.is_alive, "policy_version": self.server.policy_version}
 
     def command(self, name: str, *args: Any) -> tuple[str, Any]:
         """Run one owner command: ``("ok", value)``, or ``("err", exception)`` if it raised."""

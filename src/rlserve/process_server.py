@@ -3,6 +3,8 @@
 The policy is built in that process by a picklable factory, so the trainer's
 process keeps its cores (and GIL) to itself. Clients are the MPTransport's
 own: ``ps.client()`` works here and in any actor process.
+:class:`ProcessInferenceServer` is the same thing with torchrl 0.14's
+constructor and methods.
 """
 from __future__ import annotations
 
@@ -11,17 +13,19 @@ import multiprocessing as mp
 import os
 import threading
 import time
+from typing import Any, Callable
 
 from .errors import ServerClosedError, ServerDeadError
+from .transport import InferenceClient, InferenceTransport
 from .transports.mp import MPTransport
 
-__all__ = ["ProcessServer"]
+__all__ = ["ProcessServer", "ProcessInferenceServer"]
 
 log = logging.getLogger("rlserve")
 _CMD_TIMEOUT_S = 30.0
 
 
-def _serve(factory, transport, server_kwargs, conn, parent_pid) -> None:
+def _serve(factory, transport, server_kwargs, conn, parent_pid, weights) -> None:
     """Body of the server process: build the policy, serve, obey commands."""
     import torch
 
@@ -30,7 +34,7 @@ def _serve(factory, transport, server_kwargs, conn, parent_pid) -> None:
     try:
         torch.set_num_threads(server_kwargs.get("num_threads") or 1)
         transport.default_spin_us = 100.0  # this process does nothing else: spinning a little is cheap
-        hosted = HostedServer(factory, transport, server_kwargs)
+        hosted = HostedServer(factory, transport, server_kwargs, initial_weights=weights)
     except BaseException as e:
         conn.send(("err", RuntimeError(repr(e))))
         return
@@ -66,34 +70,49 @@ class ProcessServer:
             (``max_batch_size``, ``timeout``, ``weight_sync``, ...).
 
     ``client()``, ``stats()``, ``update_weights()``, ``shutdown()``,
-    ``is_alive`` and use as a context manager mirror InferenceServer.
+    ``is_alive`` and use as a context manager mirror InferenceServer. A
+    stopped ProcessServer starts again (a new process, with the newest
+    weights sent through ``update_weights``).
     """
 
-    def __init__(self, policy_factory, transport: MPTransport | None = None, *, start_method: str = "spawn",
-                 start_timeout: float = 120.0, **server_kwargs):
+    def __init__(self, policy_factory: Callable[[], Any], transport: MPTransport | None = None, *,
+                 start_method: str | Any = "spawn", start_timeout: float = 120.0, **server_kwargs: Any):
         if not callable(policy_factory):
             raise TypeError("policy_factory must be a picklable callable returning the model")
         self.transport = transport if transport is not None else MPTransport()
         self._factory = policy_factory
         self._kwargs = server_kwargs
-        self._ctx = mp.get_context(start_method)
+        self._ctx = mp.get_context(start_method) if isinstance(start_method, str) or start_method is None \
+            else start_method
         self._timeout = start_timeout
         self._proc = None
         self._conn = None
         self._lock = threading.Lock()
         self._closed = False
+        self._weights = None  # (weights, version) last sent: a restarted process starts from them
+        self._version = int(server_kwargs.get("policy_version", 0))
+        self.pid: int | None = None
 
-    def start(self) -> "ProcessServer":
-        if self._proc is not None:
-            raise RuntimeError("a ProcessServer can be started once; create a new one")
+    def start(self) -> ProcessServer:
+        """Start the server process (again, after a shutdown). Returns ``self``."""
+        if self._proc is not None and self._proc.is_alive() and not self._closed:
+            raise RuntimeError("Server is already running.")
         here, there = self._ctx.Pipe()
         self._conn = here
+        self._closed = False
+        self.transport.closed_here = False
         self._proc = self._ctx.Process(
-            target=_serve, args=(self._factory, self.transport, self._kwargs, there, os.getpid()),
+            target=_serve, args=(self._factory, self.transport, self._kwargs, there, os.getpid(), self._weights),
             name="rlserve-process-server", daemon=True)
         self._proc.start()
         there.close()
-        kind, info = self._reply(self._timeout)
+        try:
+            kind, info = self._reply(self._timeout)
+        except TimeoutError:
+            self.shutdown()
+            raise TimeoutError(
+                f"the server process did not report readiness within {self._timeout} s; if the policy factory "
+                "loads a large checkpoint, raise the start timeout") from None
         if kind != "ready":
             self.shutdown()
             raise RuntimeError(f"the server process failed to start: {info}")
@@ -114,7 +133,7 @@ class ProcessServer:
         except (EOFError, OSError):
             raise ServerDeadError("the server process died") from None
 
-    def _command(self, cmd: str, *args):
+    def _command(self, cmd: str, *args: Any, timeout: float = _CMD_TIMEOUT_S) -> Any:
         with self._lock:
             if self._proc is None or self._closed:
                 raise ServerClosedError("the process server is not running")
@@ -124,29 +143,53 @@ class ProcessServer:
                 self._conn.send((cmd, args))
             except (OSError, EOFError):
                 raise ServerDeadError("the server process died") from None
-            kind, val = self._reply(_CMD_TIMEOUT_S)
+            kind, val = self._reply(timeout)
         if kind == "err":
             raise val
         return val
 
-    def client(self):
+    def client(self) -> InferenceClient:
         """A client of this server (picklable; use it here or in any actor process)."""
         return self.transport.client()
 
-    def stats(self) -> dict:
+    def stats(self, *, reset: bool = False) -> dict:
         """The server's stats, plus ``"transport"``: the slot registry figures."""
-        return self._command("stats")
+        return self._command("stats", reset)
 
-    def update_weights(self, weights, version: int | None = None) -> int:
+    def update_weights(self, weights: Any, version: int | None = None) -> int:
         """Send a state dict to the server process; applied between batches. Returns the version
         answers will carry; ValueError (the old weights keep serving) if they do not fit the model."""
-        return self._command("update_weights", weights, version)
+        v = self._command("update_weights", weights, version)
+        self._weights, self._version = (weights, v), v
+        return v
+
+    @property
+    def policy_version(self) -> int:
+        """The version the server process stamps now (the last known one if it is not running)."""
+        try:
+            self._version = self._command("policy_version", timeout=5.0)
+        except (ServerClosedError, TimeoutError):
+            pass
+        return self._version
+
+    def health(self, *, timeout: float = 5.0) -> dict:
+        """``{"process_alive", "pid", "exitcode"}`` plus, when it answers, ``"alive"`` and
+        ``"policy_version"`` (or ``"control_error"``); never raises."""
+        proc = self._proc
+        out = {"process_alive": proc is not None and proc.is_alive(), "pid": self.pid,
+               "exitcode": proc.exitcode if proc is not None else None}
+        if out["process_alive"] and not self._closed:
+            try:
+                out.update(self._command("health", timeout=timeout))
+            except Exception as e:
+                out["control_error"] = repr(e)
+        return out
 
     @property
     def is_alive(self) -> bool:
         return self._proc is not None and not self._closed and self._proc.is_alive()
 
-    def shutdown(self, timeout: float = 5.0) -> None:
+    def shutdown(self, timeout: float | None = 5.0) -> None:
         """Stop the server process (answering what it accepted) and unlink its shared memory.
 
         Returns within about ``timeout`` seconds: a process that has not
@@ -155,6 +198,8 @@ class ProcessServer:
         if self._proc is None or self._closed:
             return
         self._closed = True
+        self.transport.closed_here = True
+        timeout = 5.0 if timeout is None else timeout
         deadline = time.monotonic() + timeout
         try:
             if self._proc.is_alive() and self._lock.acquire(timeout=timeout):
@@ -173,12 +218,12 @@ class ProcessServer:
         self._conn.close()
         self.transport.cleanup()  # a crashed server cannot unlink its own segments
 
-    def __enter__(self) -> "ProcessServer":
-        if self._proc is None:
+    def __enter__(self) -> ProcessServer:
+        if self._proc is None or self._closed:
             self.start()
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.shutdown()
 
     def __del__(self):
@@ -187,3 +232,102 @@ class ProcessServer:
                 self.shutdown(1.0)
         except Exception:
             pass
+
+
+_PROCESS_OPTIONS = ("mp_context", "startup_timeout")
+
+
+class ProcessInferenceServer(ProcessServer):
+    """torchrl's ``ProcessInferenceServer``: the policy and its server in a process of its own.
+
+    All arguments are keyword-only, as in torchrl 0.14. ``policy_factory``
+    builds the policy in the child; ``transport`` (an MPTransport, or one of
+    the slot transports) reaches it; the batching, device, weight and version
+    arguments are :class:`~rlserve.InferenceServer`'s. ``mp_context``: a start
+    method name or context (default ``"spawn"``); ``startup_timeout``: seconds
+    to wait for the child to serve.
+    """
+
+    def __init__(self, *, policy_factory: Callable[[], Any], transport: InferenceTransport | None = None,
+                 request_spec: Any = None, mp_context: Any = None, startup_timeout: float = 300.0,
+                 **server_kwargs: Any):
+        from .config import resolve_batching, resolve_devices
+
+        batching_keys = ("max_batch_size", "static_batch_size", "min_batch_size", "timeout", "collect_stats",
+                         "stats_window_size")
+        resolve_batching(server_kwargs.get("server_config"), **{k: server_kwargs.get(k) for k in batching_keys})
+        resolve_devices(server_kwargs.get("device_config"), device=server_kwargs.get("device"),
+                        policy_device=server_kwargs.get("policy_device"),
+                        output_device=server_kwargs.get("output_device"))
+        if "shutdown_event" in server_kwargs:
+            raise TypeError("ProcessInferenceServer() got an unexpected keyword argument 'shutdown_event'")
+        if request_spec is not None:
+            server_kwargs["request_spec"] = request_spec
+        super().__init__(policy_factory, transport, start_method=mp_context or "spawn",
+                         start_timeout=startup_timeout, **server_kwargs)
+        self.policy_factory = policy_factory
+        self.startup_timeout = startup_timeout
+        self.static_batch_size = server_kwargs.get("static_batch_size")
+        self._client = None
+
+    @classmethod
+    def from_server_arguments(cls, model: Any, transport: Any, *, policy_factory: Any = None,
+                              service_backend: Any = None, service_backend_options: dict | None = None,
+                              transport_options: dict | None = None, request_spec: Any = None,
+                              response_spec: Any = None, num_clients: int | None = None,
+                              **kwargs: Any) -> ProcessInferenceServer:
+        """``InferenceServer(..., service_backend="process")``: torchrl's checks, then a ProcessInferenceServer."""
+        from .deploy import make_transport
+
+        tr = make_transport(transport, "process", transport_options=transport_options, request_spec=request_spec,
+                            response_spec=response_spec, num_clients=num_clients)
+        if model is not None:
+            raise ValueError("service_backend='process' requires policy_factory so the policy is constructed in "
+                             "the child process.")
+        if policy_factory is None:
+            raise ValueError("policy_factory is required for service_backend='process'.")
+        opts = dict(service_backend_options or {})
+        unknown = sorted(set(opts) - set(_PROCESS_OPTIONS))
+        if unknown:
+            raise ValueError(f"Unsupported process service_backend_options: {unknown}.")
+        return cls(policy_factory=policy_factory, transport=tr, request_spec=request_spec, **opts, **kwargs)
+
+    @property
+    def service_backend(self) -> str:
+        return "process"
+
+    @property
+    def transport_kind(self) -> str:
+        from .deploy import transport_kind
+
+        return transport_kind(self.transport)
+
+    def client(self) -> InferenceClient:
+        """The same client each call (picklable: hand it to any actor process)."""
+        if self._client is None:
+            self._client = self.transport.client()
+        return self._client
+
+    def clients(self, num_clients: int) -> list:
+        """``num_clients`` new clients."""
+        from .deploy import check_num_clients
+
+        return [self.transport.client() for _ in range(check_num_clients(num_clients))]
+
+    def stats(self, *, reset: bool = False, timeout: float = 5.0) -> dict:
+        return self._command("stats", reset, timeout=timeout)
+
+    def update_model_weights(self, weights: Any, *, mark_weight_update: bool = True,
+                             timeout: float = 300.0) -> dict:
+        """Apply ``weights`` (a module, TensorDict of parameters or state dict) in the server process,
+        between batches; a restarted process starts from them too."""
+        v = self._command("update_weights", weights, None, timeout=timeout)
+        self._weights, self._version = (weights, v), v
+        return {"accepted": True}
+
+    def prepare_cudagraph(self, request_spec: Any = None, *, interaction_type: Any = None) -> None:
+        """Capture the CUDA graph in the server process at its start (needs a CUDA policy device there)."""
+        if self.is_alive:
+            raise RuntimeError("The process inference server must prepare its CUDA graph before start.")
+        if request_spec is not None:
+            self._kwargs["request_spec"] = request_spec

@@ -42,6 +42,7 @@ from .collate import (
 )
 from .errors import ServerDeadError
 from .explain import explain_failure, model_reads
+from .interaction import MARKER, interaction_type, running_as
 from .stats import ServerStats
 from .transport import InferenceTransport
 
@@ -65,6 +66,8 @@ class BatchRunner:
         collate_fn: ``list[TensorDict] -> TensorDict`` instead of stacking (it
             gets copies, so a batch never aliases a request).
         policy_version_key: where the version is stamped (None: nowhere).
+        static_batch_size: pad every batch to this many rows by repeating its
+            last request (the padding's outputs are dropped).
     """
 
     def __init__(
@@ -77,6 +80,7 @@ class BatchRunner:
         output_device: torch.device | None = None,
         collate_fn: Callable[[list], TensorDictBase] | None = None,
         policy_version_key: Any = "policy_version",
+        static_batch_size: int | None = None,
     ):
         self.model = model
         # the direct call builds flat rows: a nested version key takes the general path
@@ -89,6 +93,8 @@ class BatchRunner:
         self.output_device = output_device
         self.collate_fn = collate_fn
         self.version_key = policy_version_key
+        self.static = static_batch_size
+        self.graph = None  # a captured CUDA graph of the model (InferenceServer.prepare_cudagraph)
         self.accepted: dict = {}  # signatures the model ran, newest last (bounded): for error messages
         self.reads = model_reads(model)  # the keys the model reads, when it says: for error messages
         self.forward_avg_s = 0.0  # moving average of forward times
@@ -131,9 +137,12 @@ class BatchRunner:
         n = len(ins)
         try:
             batch = self._collate(sig, ins)
+            rows = n if self.static is None else self.static  # rows the model sees (padding included)
             t0 = _perf()
-            out = self._forward(batch, sig, n)
+            out = self._forward(batch, sig, rows)
             t_fwd = _perf() - t0
+            if rows != n:
+                out = _first_rows(out, n, copy=self.graph is not None)
             out = self._output(out, sig, n, version)
             if type(out) is dict:  # the direct call's leaves: rows straight from the columns
                 bs = torch.Size([n, *sig[1]])
@@ -148,23 +157,40 @@ class BatchRunner:
         self._answer(sig, out, rows, cbs, ts, t_fwd, version)
 
     def _collate(self, sig: tuple, ins: list) -> TensorDictBase | dict:
+        marked = sig[4] is not None  # the interaction type travels as an entry: not for the model
         if self.collate_fn is not None:
             batch = self.collate_fn([td.clone() for td in ins])  # copies: cannot alias requests
-        elif self.direct is not None and is_fast(sig) and self.direct.usable():
+        elif self.direct is not None and self.graph is None and is_fast(sig) and self.direct.usable():
             src = stack_leaves(ins)  # {key: stacked tensor}: what the direct call reads
+            if marked:
+                del src[MARKER]
+            if self.static is not None and self.static > len(ins):
+                src = {k: _pad(v, self.static) for k, v in src.items()}
             if self.device is not None:
                 src = {k: v.to(self.device) for k, v in src.items()}
             return src
         else:
             batch = stack_group(sig, ins)  # copies: the batch never aliases a request
+        if marked:
+            batch = batch.exclude(MARKER)
+        if self.static is not None and self.static > len(ins):
+            batch = _pad(batch, self.static)
         if self.device is not None:
             batch = batch.to(self.device)
         return batch
 
     def _forward(self, batch: TensorDictBase | dict, sig: tuple, n: int) -> Any:
+        code = sig[4]
+        if code is None and interaction_type() is None:  # the usual case: no interaction type anywhere
+            return self._call(batch, sig, n)
+        with running_as(code):  # the callers' interaction type, whatever this thread's is
+            return self._call(batch, sig, n)
+
+    def _call(self, batch: TensorDictBase | dict, sig: tuple, n: int) -> Any:
         if type(batch) is dict:  # the direct call: leaves in, leaves out (shapes checked there)
             return self.direct(batch, torch.Size([n, *sig[1]]))
-        return batched_output(self.model(batch), n)
+        model = self.graph if self.graph is not None else self.model
+        return batched_output(model(batch), n)
 
     def _output(self, out: TensorDictBase | dict, sig: tuple, n: int, version: int) -> TensorDictBase | dict:
         """Move the output where answers go, and stamp its version: the one place answers are stamped."""
@@ -191,6 +217,8 @@ class BatchRunner:
             if len(acc) > _ACCEPTED_MAX:
                 del acc[next(iter(acc))]
         self.forward_avg_s += (t_fwd - self.forward_avg_s) * 0.125  # smooth: one slow batch is no trend
+        # counted before the answers go out: whoever holds an answer finds it in stats()
+        self.stats.record_batch(len(cbs), t_fwd, _perf(), ts)
         if rows is None:
             try:
                 self.transport.resolve_batch(cbs, out, version)
@@ -200,7 +228,6 @@ class BatchRunner:
                 self.fail(cbs, ServerDeadError("the transport could not deliver this answer"))
         else:
             self.transport.resolve_rows(cbs, rows)
-        self.stats.record_batch(len(cbs), t_fwd, _perf(), ts)
 
     def _fail_group(self, sig: tuple, e: BaseException, cbs: list) -> None:
         """The batch could not run: its callers get the (explained) error."""
@@ -208,3 +235,18 @@ class BatchRunner:
         self.fail(cbs, explain_failure(self.accepted, sig, e, self.reads) if isinstance(e, Exception) else e)
         if not isinstance(e, Exception):
             raise e  # KeyboardInterrupt / SystemExit: the batch is answered, now stop
+
+
+def _pad(x: Any, rows: int) -> Any:
+    """``x`` (a batch, leading dim n) with its last row repeated up to ``rows`` rows."""
+    extra = rows - x.shape[0]
+    tail = x[-1:].expand(extra, *x.shape[1:])
+    return torch.cat([x, tail], 0)
+
+
+def _first_rows(out: Any, n: int, copy: bool) -> Any:
+    """The first ``n`` rows of a padded output; ``copy`` when the output is a CUDA graph's static buffer."""
+    if type(out) is dict:
+        return {k: (v[:n].clone() if copy else v[:n]) for k, v in out.items()}
+    out = out[:n]
+    return out.clone() if copy else out

@@ -19,12 +19,16 @@ from typing import Any, Callable
 import torch
 
 from . import _context
+from ._server_api import ServerAPI
 from ._td import TensorDictBase
 from .batching import BatchPolicy
+from .config import InferenceDeviceConfig, InferenceServerConfig, resolve_batching, resolve_devices
+from .deploy import make_transport, resolve_service_backend
 from .errors import ServerClosedError, ServerDeadError
 from .runner import BatchRunner
-from .stats import ServerStats
-from .transport import InferenceClient, InferenceTransport, as_transport
+from .stats import NoStats, ServerStats
+from .transport import InferenceClient, InferenceTransport
+from .weight_sync.foreign import as_receiver
 
 __all__ = ["InferenceServer"]
 
@@ -50,28 +54,65 @@ def _after_fork_in_child() -> None:
 os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-class InferenceServer:
+class InferenceServer(ServerAPI):
     """Serve ``model`` to many actors through ``transport``, batching their requests.
+
+    The constructor takes torchrl 0.14's arguments as well as rlserve's own
+    (``num_threads``, ``run_in_caller``, ``name``); with
+    ``service_backend="process"`` or ``"ray"`` it returns a
+    :class:`~rlserve.ProcessInferenceServer` or a
+    :class:`~rlserve.RayInferenceServer` that owns the policy elsewhere.
 
     Args:
         model: any callable from a batched TensorDict to a batched TensorDict
             (typically a ``TensorDictModule``). It runs under ``torch.no_grad``
             on the server thread (or, see ``run_in_caller``, on a blocked caller's).
         transport: an :class:`~rlserve.InferenceTransport` (or any object with
-            its five methods ``submit/drain/wait_for_work/resolve/resolve_exception``).
-        max_batch_size: most requests per forward pass.
+            its five methods ``submit/drain/wait_for_work/resolve/resolve_exception``),
+            or a selector: ``"auto"`` (the default, also when ``None``),
+            ``"thread"``/``"queue"`` (a :class:`~rlserve.ThreadingTransport`),
+            ``"direct"`` (a :class:`~rlserve.SlotTransport` of ``num_clients``
+            slots); with ``service_backend="process"`` also ``"process"``,
+            ``"shared_memory"``, ``"process_slot"``, ``"distributed"`` (served by
+            rlserve's shared-memory MPTransport); with ``"ray"``, ``"ray"`` and
+            ``"distributed"`` (a :class:`~rlserve.RayTransport`).
+
+    Keyword Args:
+        policy_factory: zero-argument callable building the model, instead of
+            ``model`` (required with ``service_backend="process"`` or ``"ray"``).
+        service_backend: ``"thread"`` (default), ``"process"``, ``"ray"``.
+        service_backend_options: ``{"mp_context", "startup_timeout"}`` for
+            processes; ``{"ray_init_config", "remote_config"}`` for Ray.
+        transport_options: keyword arguments of the transport a selector builds.
+        request_spec, response_spec: one request / answer row, for slot
+            transports (and the CUDA-graph capture of ``static_batch_size``).
+        num_clients: slots of ``"direct"``, ``"shared_memory"``, ``"process_slot"``.
+        max_batch_size: most requests per forward pass (default 64).
+        static_batch_size: pad every batch to this many rows (the padding is
+            discarded from the answers); with a CUDA ``policy_device``,
+            :meth:`prepare_cudagraph` captures the model as a CUDA graph.
         min_batch_size: run a batch once this many requests are pending...
         timeout: ...or once the oldest pending request has waited this many
-            seconds since it arrived. With ``min_batch_size=1`` (default) the
-            server runs whatever is pending at once; batches grow while the
-            model is busy.
-        device: move each batch here before the forward (``None``: leave it).
-        output_device: move answers here (``None``: back to the device the
-            requests came from when ``device`` is set, else leave them).
+            seconds since it arrived (default 0.01). With ``min_batch_size=1``
+            (default) the server runs whatever is pending at once; batches
+            grow while the model is busy.
         collate_fn: ``list[TensorDict] -> TensorDict`` replacing the built-in
             stacking (it receives copies, so it cannot alias requests).
-        weight_sync: a :class:`~rlserve.WeightSyncScheme`; the server wires its
-            receiver side and applies new weights between batches.
+        device, policy_device: move the model there at construction and each
+            batch before the forward (``policy_device`` wins).
+        output_device: move answers here (``None``: back to the device the
+            requests came from when a policy device is set, else leave them).
+        collect_stats, stats_window_size: record figures for :meth:`stats`
+            (default True), over windows of this many samples (default 1024).
+        weight_sync: a :class:`~rlserve.WeightSyncScheme`, or a scheme following
+            torchrl's receiver protocol (``torchrl.weight_update``'s included);
+            the server applies new weights between batches, never during one.
+        weight_sync_model_id: the model id given to a torchrl-protocol scheme.
+        server_config, device_config: :class:`~rlserve.InferenceServerConfig`,
+            :class:`~rlserve.InferenceDeviceConfig` instead of the loose arguments.
+        shutdown_event: a ``threading.Event`` (or multiprocessing one) that stops
+            the server when set.
+        policy_version: the version of the initial weights.
         policy_version_key: key (nested keys allowed) of the int64 version
             stamped on every answer; ``None`` disables the stamp.
         num_threads: ``torch.set_num_threads`` on the serving thread (a
@@ -92,43 +133,102 @@ class InferenceServer:
         name: the serving thread's name.
     """
 
+    def __new__(cls, model: Any = None, transport: Any = None, **kwargs: Any) -> Any:
+        if cls is InferenceServer:  # torchrl's dispatch: the owner depends on the service backend
+            backend = resolve_service_backend(kwargs.get("service_backend"), kwargs.get("server_config"))
+            if backend == "process":
+                from .process_server import ProcessInferenceServer
+
+                return ProcessInferenceServer.from_server_arguments(model, transport, **kwargs)
+            if backend == "ray":
+                from .ray_server import RayInferenceServer
+
+                return object.__new__(RayInferenceServer)  # then RayInferenceServer.__init__(same arguments)
+        return object.__new__(cls)
+
     def __init__(
         self,
-        model: Callable[[TensorDictBase], TensorDictBase],
-        transport: InferenceTransport,
+        model: Callable[[TensorDictBase], TensorDictBase] | None = None,
+        transport: InferenceTransport | str | None = None,
         *,
-        max_batch_size: int = 64,
-        min_batch_size: int = 1,
-        timeout: float = 0.01,
-        device: torch.device | str | None = None,
-        output_device: torch.device | str | None = None,
+        policy_factory: Callable[[], Any] | None = None,
+        service_backend: str | None = None,
+        service_backend_options: dict | None = None,
+        transport_options: dict | None = None,
+        request_spec: TensorDictBase | None = None,
+        response_spec: TensorDictBase | None = None,
+        num_clients: int | None = None,
+        max_batch_size: int | None = None,
+        static_batch_size: int | None = None,
+        min_batch_size: int | None = None,
+        timeout: float | None = None,
         collate_fn: Callable[[list], TensorDictBase] | None = None,
+        device: torch.device | str | None = None,
+        policy_device: torch.device | str | None = None,
+        output_device: torch.device | str | None = None,
+        collect_stats: bool | None = None,
+        stats_window_size: int | None = None,
         weight_sync: Any = None,
+        weight_sync_model_id: str = "policy",
+        server_config: InferenceServerConfig | None = None,
+        device_config: InferenceDeviceConfig | None = None,
+        shutdown_event: Any = None,
+        policy_version: int = 0,
         policy_version_key: Any = "policy_version",
         num_threads: int | None = 1,
         run_in_caller: bool = True,
         name: str = "rlserve-server",
     ):
+        backend = resolve_service_backend(service_backend, server_config)
+        if backend != "thread":
+            raise RuntimeError(f"an InferenceServer serves from a thread; service_backend={backend!r} builds "
+                               "its own owner (construct InferenceServer(...), not a subclass)")
+        if service_backend_options:
+            raise ValueError("service_backend_options are only valid for process or Ray services.")
+        if model is None and policy_factory is None:
+            raise ValueError("Either model or policy_factory must be provided.")
+        if model is not None and policy_factory is not None:
+            raise ValueError("model and policy_factory are mutually exclusive.")
+        batching = resolve_batching(
+            server_config, max_batch_size=max_batch_size, static_batch_size=static_batch_size,
+            min_batch_size=min_batch_size, timeout=timeout, collect_stats=collect_stats,
+            stats_window_size=stats_window_size)
+        devices = resolve_devices(device_config, device=device, policy_device=policy_device,
+                                  output_device=output_device)
+        transport = make_transport(transport, "thread", transport_options=transport_options,
+                                   request_spec=request_spec, response_spec=response_spec, num_clients=num_clients)
+        if model is None:
+            model = policy_factory()
         if not callable(model):
             raise TypeError(f"model must be callable, got {type(model).__name__}")
+        if devices.policy_device is not None and isinstance(model, torch.nn.Module):
+            model.to(devices.policy_device)
         self.model = model
-        self.transport = as_transport(transport)
-        self.batching = BatchPolicy(max_batch_size, min_batch_size, timeout)
-        self.device = torch.device(device) if device is not None else None
-        self.output_device = torch.device(output_device) if output_device is not None else None
+        self.transport = transport
+        self.batching = BatchPolicy(batching.max_batch_size, batching.min_batch_size, batching.timeout)
+        self.static_batch_size = batching.static_batch_size
+        self.collect_stats = batching.collect_stats
+        self.stats_window_size = batching.stats_window_size
+        self.policy_device = self.device = devices.policy_device
+        self.output_device = devices.output_device
         self.collate_fn = collate_fn
+        self.request_spec = request_spec
         self.weight_sync = weight_sync
+        self.weight_sync_model_id = weight_sync_model_id
+        self._receiver = as_receiver(weight_sync, weight_sync_model_id, lambda: self.policy_version)
         if isinstance(policy_version_key, tuple) and len(policy_version_key) == 1:
             policy_version_key = policy_version_key[0]
         self.policy_version_key = policy_version_key
-        self.policy_version = 0
+        self.policy_version = int(policy_version)
         self.num_threads = num_threads
         self.run_in_caller = bool(run_in_caller)
         self.name = name
-        self._stats = ServerStats(self.batching.max_batch_size)
+        self._shutdown_event = shutdown_event
+        stats_cls = ServerStats if self.collect_stats else NoStats
+        self._stats = stats_cls(self.batching.max_batch_size, self.stats_window_size)
         self._runner = BatchRunner(
             model, self.transport, self._stats, device=self.device, output_device=self.output_device,
-            collate_fn=collate_fn, policy_version_key=policy_version_key)
+            collate_fn=collate_fn, policy_version_key=policy_version_key, static_batch_size=self.static_batch_size)
         self._handle = _Handle(self)
         self._thread: threading.Thread | None = None
         self._serving = False
@@ -147,13 +247,24 @@ class InferenceServer:
 
     # -- lifecycle -------------------------------------------------------------
     def start(self) -> InferenceServer:
-        """Start the serving thread. Returns ``self``."""
-        if self._started:
-            raise RuntimeError("an InferenceServer can be started once; create a new one")
+        """Start the serving thread (again, after a shutdown). Returns ``self``.
+
+        Requests submitted before it queue and are served once it runs.
+        """
+        t = self._thread
+        if t is not None and t.is_alive():
+            if self._serving:
+                raise RuntimeError("Server is already running.")
+            raise RuntimeError("the previous serving thread is still finishing a batch; start again once "
+                               "it has (shutdown(timeout=...) with a longer timeout waits for it)")
         self.transport.bind(self._handle)  # refuses a transport another live server serves: before any side effect
-        if self.weight_sync is not None:
-            self.weight_sync.init_on_receiver(model=self.model)
+        if self.static_batch_size is not None and self._runner.graph is None and self._wants_cudagraph():
+            self.prepare_cudagraph(self.request_spec)
+        if self._receiver is not None:
+            self._receiver.init_on_receiver(model=self.model)
         self._started = True
+        self._stop = False
+        self._died = None
         self._serving = True
         self.transport.open()
         _LIVE.add(self)
@@ -184,8 +295,8 @@ class InferenceServer:
             left = _left(deadline)
             if self._serve_lock.acquire(timeout=-1 if left is None else left):
                 self._serve_lock.release()
-        if self.weight_sync is not None:
-            self.weight_sync.close_receiver()
+        if self._receiver is not None:
+            self._receiver.close_receiver()
 
     def __enter__(self) -> InferenceServer:
         if not self._started:
@@ -207,10 +318,6 @@ class InferenceServer:
     def client(self) -> InferenceClient:
         """An actor-side client of this server's transport."""
         return self.transport.client()
-
-    def stats(self) -> dict:
-        """Counters and latency percentiles; see the README for the fields."""
-        return self._stats.snapshot(self.policy_version)
 
     def _forked(self) -> None:
         """In a fork child: this copy has no serving thread (see ``_after_fork_in_child``)."""
@@ -262,11 +369,13 @@ class InferenceServer:
             if pending is not None:
                 copy_weights_(self.model, pending[0])
                 self.policy_version = pending[1]
-        ws = self.weight_sync
+                self._stats.weight_updates += 1
+        ws = self._receiver
         if ws is not None and from_scheme:
             v = ws.receive()
             if v is not None:
                 self.policy_version = int(v)
+                self._stats.weight_updates += 1
 
     # -- the loop --------------------------------------------------------------
     def _run(self) -> None:
@@ -281,8 +390,9 @@ class InferenceServer:
         ins: list = []
         cbs: list = []
         ts: list = []
+        ev = self._shutdown_event
         try:
-            while not self._stop:
+            while not self._stop and (ev is None or not ev.is_set()):
                 if not ins:
                     tr.wait_for_work(_IDLE_WAIT_S)
                 room = policy.max_batch_size - len(ins)

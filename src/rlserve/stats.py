@@ -1,14 +1,16 @@
 """Server statistics: plain counters and bounded windows, cheap on the hot path.
 
 The server thread only appends to deques and bumps integers; percentiles are
-computed when someone calls :meth:`ServerStats.snapshot`.
+computed when someone calls :meth:`ServerStats.snapshot`. The snapshot holds
+rlserve's keys and torchrl's (``avg_batch_size``, ``p50_queue_ms``, ...).
 """
 from __future__ import annotations
 
 import time
 from collections import deque
 
-_WINDOW = 20_000  # samples kept per latency window
+__all__ = ["ServerStats", "NoStats", "format_stats"]
+
 _RATE_WINDOW_S = 5.0  # requests/s is measured over this many recent seconds
 
 
@@ -19,18 +21,36 @@ def _pct(sorted_vals: list, q: float) -> float | None:
     return sorted_vals[i]
 
 
-class ServerStats:
-    """Counters owned by one server; written by its loop, read by anyone."""
+def _ms(v):
+    return None if v is None else v * 1e3
 
-    def __init__(self, max_batch_size: int):
+
+class ServerStats:
+    """Counters owned by one server; written by its loop, read by anyone.
+
+    Args:
+        max_batch_size: size of the batch-size histogram.
+        window: samples kept per latency window (and batch sizes for ``avg_batch_size``).
+    """
+
+    def __init__(self, max_batch_size: int, window: int = 1024):
+        self.max_batch_size = max_batch_size
+        self.window = max(1, int(window))
+        self.reset()
+
+    def reset(self) -> None:
+        """Clear every counter and window (the policy version lives elsewhere)."""
+        w = self.window
         self.requests = 0
         self.batches = 0
         self.errors = 0
         self.rejected = 0  # requests that failed validation before any forward
-        self.hist = [0] * (max_batch_size + 1)
-        self.queue_wait = deque(maxlen=_WINDOW)
-        self.latency = deque(maxlen=_WINDOW)
-        self.forward = deque(maxlen=_WINDOW)
+        self.weight_updates = 0
+        self.hist = [0] * (self.max_batch_size + 1)
+        self.sizes = deque(maxlen=w)
+        self.queue_wait = deque(maxlen=w)
+        self.latency = deque(maxlen=w)
+        self.forward = deque(maxlen=w)
         self.recent = deque(maxlen=4096)  # (time, n) per batch, for requests/s
         self.started = time.perf_counter()
 
@@ -38,6 +58,7 @@ class ServerStats:
         self.requests += n
         self.batches += 1
         self.hist[n if n < len(self.hist) else -1] += 1
+        self.sizes.append(n)
         self.forward.append(t_forward)
         self.recent.append((t_done, n))
         self.latency.extend([t_done - t for t in submit_times])
@@ -57,6 +78,8 @@ class ServerStats:
             rate = sum(n for _, n in recent) / span
         else:
             rate = 0.0
+        elapsed = max(now - self.started, 1e-9)
+        sizes = list(self.sizes)
         return {
             "requests": self.requests,
             "batches": self.batches,
@@ -69,12 +92,26 @@ class ServerStats:
             "policy_version": policy_version,
             "errors": self.errors,
             "rejected": self.rejected,
-            "uptime_s": now - self.started,
+            "uptime_s": elapsed,
+            # torchrl's keys (its requests/s is ours too: over the last 5 s rather than since the start)
+            "batches_per_s": self.batches / elapsed,
+            "avg_batch_size": sum(sizes) / len(sizes) if sizes else 0.0,
+            "p50_queue_ms": _ms(_pct(qw, 0.5)) or 0.0,
+            "p95_queue_ms": _ms(_pct(qw, 0.95)) or 0.0,
+            "p50_forward_ms": _ms(_pct(fw, 0.5)) or 0.0,
+            "p95_forward_ms": _ms(_pct(fw, 0.95)) or 0.0,
+            "weight_updates": self.weight_updates,
         }
 
 
-def _ms(v):
-    return None if v is None else v * 1e3
+class NoStats(ServerStats):
+    """``collect_stats=False``: nothing is recorded (the keys are still there, at zero)."""
+
+    def record_batch(self, n: int, t_forward: float, t_done: float, submit_times) -> None:
+        pass
+
+    def record_waits(self, t_drain: float, submit_times) -> None:
+        pass
 
 
 def format_stats(s: dict) -> str:

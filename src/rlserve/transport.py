@@ -31,8 +31,11 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Protocol, Sequence
 
+from tensordict.nn import TensorDictModuleBase
+
 from ._td import TensorDictBase
 from .errors import ServerClosedError
+from .interaction import with_caller_mode
 
 if TYPE_CHECKING:
     from tensordict import NestedKey
@@ -248,16 +251,18 @@ class InferenceTransport(abc.ABC):
 
     # -- liveness (actor side) --------------------------------------------------------
     def check_alive(self) -> None:
-        """Raise ServerClosedError/ServerDeadError unless a server is serving this transport."""
+        """Raise ServerClosedError/ServerDeadError once the server serving this transport stopped.
+
+        Before any server started, requests queue (they are served once one starts).
+        """
         server = self._server
-        if server is None:
-            raise ServerClosedError("no InferenceServer is running on this transport; call server.start() first")
-        server.raise_if_closed()
+        if server is not None:
+            server.raise_if_closed()
 
     def may_still_answer(self) -> bool:
-        """True while a (possibly shutting-down) server may still answer requests it accepted."""
+        """True while a server may still answer requests it accepted (or none has started yet)."""
         server = self._server
-        return server is not None and server.may_still_answer()
+        return server is None or server.may_still_answer()
 
 
 def _log_delivery_failure() -> None:
@@ -308,20 +313,37 @@ def as_transport(transport: Any) -> InferenceTransport:
     return ForeignTransport(transport)
 
 
-class InferenceClient:
-    """Actor-side handle: ``client(td)`` blocks for the answer, ``client.submit(td)`` returns a Future."""
+class InferenceClient(TensorDictModuleBase):
+    """Actor-side handle: ``client(td)`` blocks for the answer, ``client.submit(td)`` returns a Future.
+
+    A client is a ``tensordict.nn.TensorDictModuleBase``, so torchrl takes it
+    as a TensorDict policy as it is (``env.rollout(policy=client)``,
+    ``Collector(policy=client)``). Each request carries the caller's
+    interaction type (:mod:`rlserve.interaction`).
+    """
+
+    # A client is a module only for what it is (a TensorDict policy); its own attributes are plain
+    # ones, set without nn.Module's bookkeeping (which costs ~1 us per assignment on hot paths).
+    __setattr__ = object.__setattr__
 
     def __init__(self, transport: InferenceTransport):
+        super().__init__()
+        self._in_keys = []
+        self._out_keys = self._out_keys_apparent = []
         self._transport = transport
 
     def submit(self, td: TensorDictBase) -> Future:
         """Submit one request; returns a ``concurrent.futures.Future``."""
         self._transport.check_alive()
-        return self._transport.submit(td)
+        return self._transport.submit(with_caller_mode(td))
 
     def __call__(self, td: TensorDictBase, timeout: float | None = None) -> TensorDictBase:
         """Submit ``td`` and wait for its answer (at most ``timeout`` seconds)."""
         return wait_future(self.submit(td), timeout, self._transport)
+
+    def forward(self, tensordict: TensorDictBase) -> TensorDictBase:
+        """``client(tensordict)``: the answer (a policy's forward, for torchrl)."""
+        return self(tensordict)
 
 
 class _Liveness(Protocol):

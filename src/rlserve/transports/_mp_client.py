@@ -32,6 +32,7 @@ from typing import Callable
 
 from .. import _context
 from .._td import TensorDictBase
+from ..interaction import with_caller_mode
 from ..errors import QueueFullError, RequestError, ServerClosedError, ServerDeadError
 from ..transport import LIVENESS_PERIOD_S, InferenceClient, check_timeout
 from . import _wire as W
@@ -39,6 +40,7 @@ from ._shm import Bank, unlink_segment
 
 _perf = time.perf_counter
 _REGISTER_TIMEOUT_S = 60.0
+_SERVER_POLL_S = 0.02  # how often a client made before start() looks for the server
 _LIVE_CLIENTS: "weakref.WeakSet[MPClient]" = weakref.WeakSet()
 
 
@@ -65,7 +67,7 @@ class MPClient(InferenceClient):
     """Client of an :class:`~rlserve.MPTransport`; picklable, works in any process."""
 
     def __init__(self, cfg: dict, transport=None):
-        self._transport = transport  # only set in the creating process; never pickled
+        super().__init__(transport)  # the transport only in the creating process; never pickled
         self._cfg = cfg
         self._token = cfg["token"]
         self._srv = W.server_address(self._token)
@@ -82,6 +84,7 @@ class MPClient(InferenceClient):
     def _new_locks(self) -> None:
         self._cv = threading.Condition(threading.Lock())  # guards the state below; slot freed / answer in
         self._conn_lock = threading.Lock()  # one registration at a time
+        self._deferred: list = []  # (request, future) submitted before the server started
 
     def _reset_state(self) -> None:
         self._free: list = []
@@ -129,9 +132,28 @@ class MPClient(InferenceClient):
                 if not self._server_reachable():
                     raise self._gone()
                 self._close_socket()  # the server is back (restarted): register anew
+            self._wait_for_server(deadline)
             self._connect(deadline)
         finally:
             self._conn_lock.release()
+
+    def _closed_here(self) -> bool:
+        """This process holds the transport and knows its server stopped (so no point waiting for one)."""
+        tr = self._transport
+        if tr is None:
+            return False
+        server = tr.server  # in a fork child: the parent's server, which does not serve here
+        return tr.closed_here or (server is not None and not server.accepting)
+
+    def _wait_for_server(self, deadline: float | None) -> None:
+        """A server not started yet: wait for it (requests made before ``start()`` are served after it)."""
+        while not self._server_reachable():
+            if self._closed_here():
+                raise ServerClosedError("the inference server is shut down")
+            if deadline is not None and time.monotonic() >= deadline:
+                raise TimeoutError("no InferenceServer served this MPTransport before the call's timeout "
+                                   "(not started yet, or shut down)")
+            time.sleep(_SERVER_POLL_S)
 
     def _connect(self, deadline: float | None) -> None:
         """Open a socket and register with the server; commit only on success."""
@@ -464,6 +486,7 @@ class MPClient(InferenceClient):
     def _start(self, td, deadline: float | None, fut=None):
         if not isinstance(td, TensorDictBase):
             raise RequestError(f"request must be a TensorDict, got {type(td).__name__}")
+        td = with_caller_mode(td)  # the caller's interaction type travels with its request
         self._ensure_registered(deadline)
         slot = self._take_slot(deadline)
         if fut is not None:
@@ -507,25 +530,59 @@ class MPClient(InferenceClient):
         return res
 
     def submit(self, td: TensorDictBase) -> Future:
-        """Submit ``td``; returns a Future (resolved by whichever thread of this process reads)."""
+        """Submit ``td``; returns a Future (resolved by whichever thread of this process reads).
+
+        Before the server started, the request waits here and is sent once it runs.
+        """
         fut = Future()
-        self._start(td, None, fut)
+        if self._pid != os.getpid() and not self._server_reachable() and not self._closed_here():
+            if not isinstance(td, TensorDictBase):
+                raise RequestError(f"request must be a TensorDict, got {type(td).__name__}")
+            with self._cv:  # not started yet: the reader thread sends it once the server runs
+                self._deferred.append((with_caller_mode(td), fut))
+        else:
+            self._start(td, None, fut)
         with self._cv:
             if self._reader is None:
                 self._reader = threading.Thread(target=self._read_loop, name="rlserve-mp-reader", daemon=True)
                 self._reader.start()
         return fut
 
+    def _send_deferred(self) -> None:
+        """Requests submitted before the server started: register (waiting for it), then send them."""
+        with self._cv:
+            deferred, self._deferred = self._deferred, []
+        if not deferred:
+            return
+        try:
+            self._ensure_registered(None)
+        except BaseException as e:
+            for _, fut in deferred:
+                fut.set_exception(e)
+            return
+        for td, fut in deferred:
+            try:
+                self._start(td, None, fut)
+            except BaseException as e:
+                fut.set_exception(e)
+
     def _read_loop(self) -> None:
         """Read for submit() futures while any is pending (taking turns with blocked callers)."""
-        def finished() -> bool:  # under _cv
+        def settled() -> bool:  # under _cv
+            if self._deferred:
+                return True  # requests made before the server started: go and send them
             if self._futures:
                 return False
             self._reader = None
             return True
 
         try:
-            self._await(finished, None)
+            while True:
+                self._send_deferred()
+                self._await(settled, None)
+                with self._cv:
+                    if self._reader is None:
+                        return
         except BaseException as e:  # server gone: fail every pending future
             with self._cv:
                 futs, self._futures = self._futures, {}

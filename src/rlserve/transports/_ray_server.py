@@ -21,7 +21,7 @@ import logging
 import time
 from collections import deque
 
-from ..errors import ServerClosedError, ServerDeadError
+from ..errors import QueueFullError, ServerClosedError, ServerDeadError
 from ._remote import WaiterQueueTransport, reply_error
 
 log = logging.getLogger("rlserve")
@@ -98,13 +98,14 @@ def _server_actor_class(ray, groups: dict):
 class _GatewayImpl:
     """Holds callers' pending requests until the driver's server takes them."""
 
-    def __init__(self, dead_after: float):
+    def __init__(self, dead_after: float, max_pending: int | None = None):
+        self._max_pending = max_pending
         self._pending: deque = deque()  # (rid, payload, monotonic arrival)
         self._futs: dict = {}
         self._ids = itertools.count()
         self._event = None
-        self._state = "closed"
-        self._reason = "the inference server is not started; call server.start() first"
+        self._state = "new"  # requests made before the server starts wait here for it
+        self._reason = ""
         self._last_beat = time.monotonic()
         self._dead_after = dead_after
         self._stalled = False  # "dead" only because heartbeats stopped (the driver may resume)
@@ -116,8 +117,10 @@ class _GatewayImpl:
         return self._event
 
     async def infer(self, payload):
-        if self._state != "serving":
+        if self._state not in ("serving", "new"):
             return reply_error(self._error())
+        if self._max_pending is not None and len(self._futs) >= self._max_pending:
+            return reply_error(QueueFullError(f"{self._max_pending} requests already pending (max_queue_size)"))
         rid = next(self._ids)
         fut = asyncio.get_running_loop().create_future()
         self._futs[rid] = fut
@@ -177,6 +180,9 @@ class _GatewayImpl:
 
     async def exit(self) -> None:
         _exit_actor()
+
+    async def ready(self) -> bool:
+        return True
 
     def _error(self):
         return (ServerDeadError if self._state == "dead" else ServerClosedError)(self._reason)

@@ -26,6 +26,7 @@ import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from ..errors import RequestError, ServerDeadError
+from ..interaction import with_caller_mode
 from ..transport import InferenceClient
 from ._remote import HostedServerMixin, RemoteQueue, encode_td, reply_error, unwrap_reply
 
@@ -79,13 +80,14 @@ class MonarchClient(InferenceClient):
     _pool_lock = threading.Lock()
 
     def __init__(self, ref):
+        super().__init__(None)  # no transport object here: the actor mesh is the way in
         self._ref = ref
 
     def __reduce__(self):
         return (MonarchClient, (self._ref,))
 
     def __call__(self, td, timeout: float | None = None):
-        payload = encode_td(td)
+        payload = encode_td(with_caller_mode(td))
         try:
             reply = self._ref.infer.call_one(payload).get(timeout=timeout)
         except TimeoutError:
@@ -96,7 +98,7 @@ class MonarchClient(InferenceClient):
 
     def submit(self, td) -> Future:
         """Send now; the returned Future is completed by a small waiter pool in this process."""
-        mfut = self._ref.infer.call_one(encode_td(td))
+        mfut = self._ref.infer.call_one(encode_td(with_caller_mode(td)))
         cls = type(self)
         with cls._pool_lock:
             if cls._pool is None:
@@ -167,10 +169,10 @@ def _actor_classes():
     class _ServerActor(ma.Actor):
         """Policy from a factory + InferenceServer, in its own Monarch process."""
 
-        def __init__(self, policy_factory, server_kwargs):
+        def __init__(self, policy_factory, server_kwargs, max_queue_size=None):
             from ..hosted import HostedServer
 
-            self._transport = PortQueueTransport()
+            self._transport = PortQueueTransport(max_pending=max_queue_size, block_when_full=False)
             self._hosted = HostedServer(policy_factory, self._transport, server_kwargs)
 
         @ma.endpoint(explicit_response_port=True)
@@ -237,6 +239,8 @@ class MonarchTransport(HostedServerMixin, PortQueueTransport):
         keep_driver_alive: replace Monarch's fault hook (which ends the driver
             when a mesh it owns fails) by a warning, so a dead server becomes
             :class:`~rlserve.ServerDeadError` for clients instead.
+        max_queue_size: refuse requests beyond this many pending
+            (:class:`~rlserve.QueueFullError` to that caller); ``None``: no bound.
 
     Needs torchmonarch (``pip install 'rlserve[monarch]'``), tested with 0.7.0.
     """
@@ -244,8 +248,10 @@ class MonarchTransport(HostedServerMixin, PortQueueTransport):
     _engine = "Monarch"
 
     def __init__(self, policy_factory=None, *, server_kwargs: dict | None = None, procs=None,
-                 keep_driver_alive: bool = True):
-        super().__init__()
+                 keep_driver_alive: bool = True, max_queue_size: int | None = None):
+        # max_queue_size: more pending requests than this are refused (QueueFullError to that caller)
+        super().__init__(max_pending=max_queue_size, block_when_full=False)
+        self.max_queue_size = max_queue_size
         ma = _monarch()
         if keep_driver_alive:
             _keep_driver_alive(ma)
@@ -257,7 +263,8 @@ class MonarchTransport(HostedServerMixin, PortQueueTransport):
             if procs is None:
                 procs = self._own_procs = ma.this_host().spawn_procs()
             try:
-                mesh = procs.spawn(f"rlserve_server_{next(_keys)}", server_cls, policy_factory, dict(server_kwargs or {}))
+                mesh = procs.spawn(f"rlserve_server_{next(_keys)}", server_cls, policy_factory,
+                                   dict(server_kwargs or {}), max_queue_size)
                 self._ref = _single(mesh)
                 self._ref.stats.call_one().get(timeout=120)  # built and serving (surfaces factory errors)
             except Exception as e:

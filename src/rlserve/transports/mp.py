@@ -60,6 +60,9 @@ class MPTransport(InferenceTransport):
             per round trip on a VM). ``None``: 100 in a :class:`ProcessServer`
             (a process of its own), 0 where the server shares its process
             (and GIL) with other work such as a trainer.
+        use_manager: accepted for torchrl compatibility and ignored: what a
+            manager gives torchrl (clients made after start, in any process)
+            rlserve's clients always do.
     """
 
     # answers are written into the bank batch-wise
@@ -76,6 +79,7 @@ class MPTransport(InferenceTransport):
         block_when_full: bool = True,
         learn_layout: bool = True,
         spin_us: float | None = None,
+        use_manager: bool = False,
     ):
         if max_clients < 1 or max_inflight < 1:
             raise ValueError("max_clients and max_inflight must be >= 1")
@@ -92,6 +96,9 @@ class MPTransport(InferenceTransport):
         #: the spin used when ``spin_us`` is None; a ProcessServer sets 100 in its own process
         self.default_spin_us = 0.0
         self._side = None  # server half, only in the serving process
+        #: True once this process saw the transport's server shut down (clients made here then
+        #: fail at once instead of waiting for a server to start); a new start clears it
+        self.closed_here = False
         self._local_client = None  # submit() from the serving process goes through a client too
 
     @staticmethod
@@ -120,6 +127,7 @@ class MPTransport(InferenceTransport):
     # -- server side (the process running the InferenceServer) ----------------
     def bind(self, server: ServerHandle) -> None:
         super().bind(server)
+        self.closed_here = False
         from ._mp_server import ServerSide
 
         if self._side is None or self._side.torn_down:
@@ -179,6 +187,7 @@ class MPTransport(InferenceTransport):
             pass
 
     def close(self) -> None:
+        self.closed_here = True
         side = self._side
         if side is not None:
             side.closed = True  # the server thread tears down once it has failed what is queued

@@ -26,6 +26,7 @@ from collections import deque
 from concurrent.futures import Future
 
 from ..errors import ServerClosedError, ServerDeadError
+from ..interaction import with_caller_mode
 from ..transport import InferenceClient, InferenceTransport, TransportCapabilities
 from ._ray_server import _EXITED_ON_PURPOSE, _HEARTBEAT_S, _GatewayImpl, _server_actor_class
 from ._remote import HostedServerMixin, decode_td, encode_replies, encode_td, reply_error, reply_of, unwrap_reply
@@ -57,6 +58,7 @@ class RayClient(InferenceClient):
     """
 
     def __init__(self, handle, what: str = "server"):
+        super().__init__(None)  # no transport object here: the actor handle is the way in
         self._handle = handle
         self._what = what
 
@@ -64,7 +66,7 @@ class RayClient(InferenceClient):
         return (RayClient, (self._handle, self._what))
 
     def submit(self, td) -> Future:
-        ref = self._handle.infer.remote(encode_td(td))
+        ref = self._handle.infer.remote(encode_td(with_caller_mode(td)))
         out: Future = Future()
         what = self._what
 
@@ -81,7 +83,7 @@ class RayClient(InferenceClient):
 
     def __call__(self, td, timeout: float | None = None):
         ray = _ray()
-        ref = self._handle.infer.remote(encode_td(td))
+        ref = self._handle.infer.remote(encode_td(with_caller_mode(td)))
         try:
             reply = ray.get(ref, timeout=timeout)
         except ray.exceptions.GetTimeoutError:
@@ -124,6 +126,10 @@ class RayTransport(HostedServerMixin, InferenceTransport):
         max_callers: actor-hosted mode only: request threads of the server
             actor, i.e. how many calls it holds at once (more wait in Ray's
             queue); keep it at or above ``max_batch_size``.
+        max_queue_size: torchrl's bound on pending requests: with the server
+            in an actor, its request threads (``max_callers``); with the server
+            in the driver, more pending requests than this are refused with
+            :class:`~rlserve.QueueFullError`. ``None``: no bound of its own.
 
     Needs Ray (``pip install 'rlserve[ray]'``); ``ray.init()`` is called on
     first use if the caller has not done it.
@@ -141,8 +147,14 @@ class RayTransport(HostedServerMixin, InferenceTransport):
         startup_timeout: float = 120.0,
         dead_after: float = 3.0,
         max_callers: int = 256,
+        max_queue_size: int | None = None,
     ):
         ray = _ray()
+        if max_queue_size is not None:
+            if max_queue_size < 1:
+                raise ValueError(f"max_queue_size must be >= 1 or None, got {max_queue_size}")
+            max_callers = max_queue_size
+        self.max_queue_size = max_queue_size
         opts = {"num_cpus": 0}
         opts.update(actor_options or {})
         self._hosted = policy_factory is not None
@@ -163,8 +175,8 @@ class RayTransport(HostedServerMixin, InferenceTransport):
                 raise ValueError("server_kwargs only apply with policy_factory (server in a Ray actor)")
             opts.setdefault("max_concurrency", 10_000)  # async actor: pending calls are cheap coroutines
             cls = ray.remote(_GatewayImpl)
-            self._handle = cls.options(**opts).remote(dead_after)
-            ray.get(self._handle.set_state.remote("closed", "the inference server is not started; call server.start() first"), timeout=startup_timeout)
+            self._handle = cls.options(**opts).remote(dead_after, max_queue_size)
+            ray.get(self._handle.ready.remote(), timeout=startup_timeout)  # requests queue there until start()
 
     # -- both modes ---------------------------------------------------------------------
     @property

@@ -28,6 +28,7 @@ from _thread import allocate_lock
 
 from .. import _context
 from .._td import TensorDictBase
+from ..interaction import interaction_type, with_caller_mode
 from ..errors import QueueFullError, RequestError, ServerClosedError
 from ..transport import (
     LIVENESS_PERIOD_S,
@@ -293,6 +294,8 @@ class ThreadingClient(InferenceClient):
     def submit(self, td: TensorDictBase) -> Future:
         tr = self._transport
         tr.check_alive()
+        if interaction_type() is not None:  # the caller's interaction type travels with its request
+            td = with_caller_mode(td)
         fut = Future()
         tr._put(td, fut, None)
         return fut
@@ -302,6 +305,8 @@ class ThreadingClient(InferenceClient):
         tr.check_alive()
         if _context.state.transport is tr:
             raise _context.reentry_error()
+        if interaction_type() is not None:  # the caller's interaction type travels with its request
+            td = with_caller_mode(td)
         local = self._local
         try:
             w = local.waiter

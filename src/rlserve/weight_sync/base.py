@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import abc
+from typing import Any
 
 import torch
 from tensordict import TensorDictBase
@@ -113,6 +114,13 @@ class WeightSyncScheme(abc.ABC):
 
     def close_receiver(self) -> None:
         """Called by the server at shutdown: let go of the served model."""
+
+    # torchrl's scheme lifecycle, so code written for torchrl.weight_update's schemes runs as it is
+    def connect(self, *, worker_idx: int | None = None, weights: Any = None) -> None:
+        """Nothing to connect: sender and receiver meet through shared state set up at init."""
+
+    def shutdown(self) -> None:
+        """Nothing to release beyond what the server's shutdown releases."""
 
 
 class NoWeightSyncScheme(WeightSyncScheme):

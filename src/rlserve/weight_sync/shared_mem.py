@@ -46,9 +46,11 @@ class SharedMemWeightSyncScheme(WeightSyncScheme):
     def init_on_sender(self, model=None, weights=None, **kwargs) -> None:
         """Allocate the staging from ``model`` (or ``weights``); later ``send()`` uses ``model``.
 
-        Extra keyword arguments of other libraries' schemes are accepted and ignored.
+        Extra keyword arguments of torchrl's schemes (``model_id``, ``devices``,
+        ...) are accepted and ignored. Given only ``weights`` (e.g. torchrl's
+        ``TensorDict.from_module(model)``), ``send()`` publishes their current values.
         """
-        self._sender_model = model
+        self._sender_model = model if model is not None else weights
         src = weights if weights is not None else model
         if src is None:
             return  # staging allocated at the first send or by the receiver (same process)
@@ -61,7 +63,7 @@ class SharedMemWeightSyncScheme(WeightSyncScheme):
 
         Raises ValueError (and publishes nothing) when they do not match the
         served model's keys, shapes and dtypes. With neither argument, sends
-        the model given to ``init_on_sender``.
+        the model (or weights) given to ``init_on_sender``, as torchrl's ``send()`` does.
         """
         src = weights if weights is not None else model if model is not None else self._sender_model
         if src is None:

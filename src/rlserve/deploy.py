@@ -1,0 +1,162 @@
+"""torchrl-shaped deployment arguments, resolved into rlserve's core objects before anything starts.
+
+``InferenceServer(model, transport="auto", service_backend=..., ...)`` takes
+torchrl 0.14's arguments; this module turns them into a transport object and
+a choice of owner (a server thread here, a process of its own, a Ray actor),
+with torchrl's validation order and messages. Nothing here runs per request.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import sys
+
+from .transport import InferenceTransport, as_transport
+
+__all__ = ["SERVICE_BACKENDS", "resolve_service_backend", "make_transport", "transport_kind", "check_num_clients"]
+
+SERVICE_BACKENDS = ("thread", "process", "ray")
+_ALIASES = {"threading": "thread", "multiprocessing": "process"}
+_KNOWN = sorted(["direct", "distributed", "monarch", "multiprocessing", "process", "ray", "rpc", "submitit",
+                 "thread", "threading"])
+# transport strings each owner accepts ("auto" picks the first)
+_SELECTORS = {
+    "thread": ("auto", "thread", "queue", "direct"),
+    "process": ("auto", "process", "process_slot", "shared_memory", "distributed"),
+    "ray": ("auto", "ray", "distributed"),
+}
+
+
+def torchrl_context(kind: str) -> str | None:
+    """The backend a ``torchrl.service_backend(...)`` / ``torchrl.transport_backend(...)`` block sets,
+    when torchrl is already imported (rlserve never imports it)."""
+    backends = sys.modules.get("torchrl._comm.backends")
+    getter = getattr(backends, f"_get_{kind}_backend", None) if backends is not None else None
+    try:
+        return getter() if getter is not None else None
+    except Exception:  # another torchrl version: no context then
+        return None
+
+
+def resolve_service_backend(service_backend: str | None, server_config: Any = None) -> str:
+    """``"thread"``, ``"process"`` or ``"ray"`` from the argument, the config, or an enclosing
+    ``torchrl.service_backend(...)`` block (torchrl's rules)."""
+    configured = server_config.service_backend if server_config is not None else "thread"
+    if service_backend is None and server_config is None:
+        service_backend = torchrl_context("service")
+    if service_backend is None:
+        return configured
+    backend = _ALIASES.get(service_backend, service_backend)
+    if backend not in _KNOWN:
+        raise ValueError(f"Unsupported service backend {service_backend!r}. Expected one of {_KNOWN}.")
+    if server_config is not None and configured not in ("thread", backend):
+        raise ValueError("service_backend conflicts with server_config.service_backend.")
+    if backend not in SERVICE_BACKENDS:
+        raise ValueError("InferenceServer service_backend must be 'thread', 'process', or 'ray'.")
+    return backend
+
+
+def check_transport_selection(
+    transport: Any,
+    service_backend: str,
+    transport_options: dict | None,
+    request_spec: Any,
+    response_spec: Any,
+) -> None:
+    """torchrl's checks of a transport selector against its owner and options."""
+    if not isinstance(transport, str):
+        if transport_options:
+            raise ValueError("transport_options cannot be used with an explicit transport instance.")
+    elif transport not in _SELECTORS[service_backend]:
+        raise ValueError(f"transport={transport!r} is incompatible with service_backend={service_backend!r}.")
+    if response_spec is not None and request_spec is None:
+        raise ValueError("response_spec requires request_spec.")
+    if transport in ("shared_memory", "process_slot") and (request_spec is None or response_spec is None):
+        raise ValueError(f"transport={transport!r} requires request_spec and response_spec.")
+    if transport == "distributed" and service_backend == "process" and (request_spec is None or response_spec is None):
+        raise ValueError("Process-owned distributed inference requires request_spec and response_spec.")
+
+
+def make_transport(
+    transport: Any,
+    service_backend: str = "thread",
+    *,
+    transport_options: dict | None = None,
+    request_spec: Any = None,
+    response_spec: Any = None,
+    num_clients: int | None = None,
+) -> InferenceTransport:
+    """The transport for a selector string (``"auto"``, ``"thread"``, ``"process"``, ...) or an instance."""
+    if transport is None:  # not given: an enclosing torchrl.transport_backend(...) block, else "auto"
+        transport = torchrl_context("transport") or "auto"
+    check_transport_selection(transport, service_backend, transport_options, request_spec, response_spec)
+    if not isinstance(transport, str):
+        return as_transport(transport)
+    opts = dict(transport_options or {})
+    if transport == "distributed":
+        # torch.distributed tensor channels: rlserve's own transport for this owner moves tensors without
+        # pickling already (shared-memory slots, raw bytes over Ray), so it serves this selector.
+        for k in ("backend", "timeout", "host", "port", "metadata_spec", "channel_name"):
+            opts.pop(k, None)
+        if service_backend == "process":
+            from .transports.mp import MPTransport
+
+            return MPTransport(request_example=request_spec, response_example=response_spec, **opts)
+        transport = service_backend
+    if transport == "auto":
+        transport = service_backend
+    if transport in ("thread", "queue"):
+        from .transports.threading import ThreadingTransport
+
+        return ThreadingTransport(**opts)
+    if transport == "direct":
+        if num_clients is None:
+            raise ValueError("transport='direct' requires num_clients.")
+        from .transports.slots import SlotTransport
+
+        return SlotTransport(num_clients, **opts)
+    if transport == "process":
+        from .transports.mp import MPTransport
+
+        return MPTransport(**opts)
+    if transport in ("shared_memory", "process_slot"):
+        from .transports.slots import ProcessSlotTransport, SharedMemoryTransport
+
+        opts.setdefault("num_slots", num_clients or 1)
+        cls = SharedMemoryTransport if transport == "shared_memory" else ProcessSlotTransport
+        return cls(request_spec, response_spec, **opts)
+    from .transports.ray import RayTransport
+
+    return RayTransport(**opts)
+
+
+def transport_kind(transport: Any) -> str:
+    """torchrl's name for a transport's kind (``"thread"``, ``"process"``, ``"ray"``, ...)."""
+    import sys
+
+    from .transports.threading import ThreadingTransport
+
+    names = [  # most derived first
+        (".transports.slots", "SharedMemoryTransport", "shared_memory"),
+        (".transports.slots", "ProcessSlotTransport", "process_slot"),
+        (".transports.slots", "SlotTransport", "direct"),
+        (".transports.ray", "RayTransport", "ray"),
+        (".transports.monarch", "MonarchTransport", "monarch"),
+        (".transports.mp", "MPTransport", "process"),
+    ]
+    for mod, cls, kind in names:
+        module = sys.modules.get(__package__ + mod)  # never import an engine just to name a transport
+        if module is not None and isinstance(transport, getattr(module, cls)):
+            return kind
+    if isinstance(transport, ThreadingTransport):
+        return "thread"
+    return "custom"
+
+
+def check_num_clients(num_clients: Any) -> int:
+    """torchrl's checks of ``clients(n)``."""
+    if isinstance(num_clients, bool) or not isinstance(num_clients, int):
+        raise TypeError("num_clients must be an integer.")
+    if num_clients < 1:
+        raise ValueError("num_clients must be at least 1.")
+    return num_clients
