@@ -29,7 +29,8 @@ test-main: setup
 TD014_TESTS = tests/test_threading_core.py tests/test_reliability.py tests/test_races.py \
 	tests/test_batching_policy.py tests/test_fastpath.py tests/test_weight_sync.py \
 	tests/test_weight_sync_mp.py tests/test_mp_transport.py tests/test_mp_reliability.py tests/test_wire_codec.py \
-	tests/test_turns.py tests/test_contract.py tests/test_hostile.py
+	tests/test_turns.py tests/test_contract.py tests/test_hostile.py tests/test_collector.py \
+	tests/test_collector_torchrl.py tests/test_torchrl_parity.py
 
 test-td014: .venv-td014/.installed
 	OMP_NUM_THREADS=1 .venv-td014/bin/python -m pytest -p no:cacheprovider $(TD014_TESTS)
@@ -49,7 +50,7 @@ bench-env: .venv-bench/.installed
 .venv-bench/.installed: pyproject.toml
 	$(PYTHON) -m venv .venv-bench
 	.venv-bench/bin/python -m pip install -q "$(TORCH)"
-	.venv-bench/bin/python -m pip install -q -c constraints-bench.txt torchrl==0.14.1 ray==2.60.0 -e .
+	.venv-bench/bin/python -m pip install -q -c constraints-bench.txt torchrl==0.14.1 ray==2.60.0 "gymnasium>=1.0" -e .
 	touch $@
 
 clean:

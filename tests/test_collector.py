@@ -262,3 +262,164 @@ def test_bad_arguments():
         AsyncBatchedCollector("CartPole-v1", bias_policy(), 10)
     with pytest.raises(ValueError, match="num_envs"):
         AsyncBatchedCollector([CounterEnv, CounterEnv], bias_policy(), 10, num_envs=3)
+
+
+# -- torchrl's constructor and behaviours, on gymnasium envs -------------------------------------
+def make_cartpole():
+    return gym.make("CartPole-v1")
+
+
+def test_torchrl_constructor_form_and_batch_keys():
+    """torchrl's form: a list of factories, policy=, frames_per_batch=, env_backend=; env_index per row."""
+    c = AsyncBatchedCollector([make_cartpole] * 2, policy=cartpole_policy(), frames_per_batch=32, total_frames=70,
+                              env_backend="threading", max_batch_size=2, server_timeout=0.01)
+    sizes = [b.shape[0] for b in c]
+    c.shutdown()
+    c.shutdown()  # idempotent
+    assert sizes == [32, 32, 6]  # the last batch is cut to total_frames, as torchrl does
+    assert len(c) == 3
+    with pytest.raises(TypeError, match="mutually exclusive"):
+        AsyncBatchedCollector([make_cartpole], policy=cartpole_policy(), policy_factory=cartpole_policy,
+                              frames_per_batch=8)
+    with pytest.raises(TypeError, match="One of policy or policy_factory"):
+        AsyncBatchedCollector([make_cartpole], frames_per_batch=8)
+    with pytest.raises(ValueError, match="env_backend='ray' is not supported"):
+        AsyncBatchedCollector([make_cartpole], policy=cartpole_policy(), frames_per_batch=8, env_backend="ray")
+    with pytest.raises(ValueError, match="frames_per_batch must be a positive integer"):
+        AsyncBatchedCollector([make_cartpole], policy=cartpole_policy(), frames_per_batch=0)
+
+
+def test_env_index_postproc_hook_and_order():
+    seen = []
+
+    def postproc(td):
+        seen.append(("postproc", td.shape[0]))
+        td["postprocessed"] = torch.ones(td.shape[0])
+        return td
+
+    def hook(td):
+        seen.append(("hook", "postprocessed" in td.keys()))
+
+    with AsyncBatchedCollector([make_cartpole] * 3, policy_factory=cartpole_policy, frames_per_batch=30,
+                               total_frames=60, postproc=postproc, post_collect_hook=hook) as c:
+        batches = list(c)
+    assert seen == [("postproc", 30), ("hook", True)] * 2
+    b = batches[0]
+    assert torch.equal(b["env_index"], b["env_id"]) and set(b["env_index"].tolist()) <= {0, 1, 2}
+    assert b["env_index"].shape == (30,) and b["policy_version"].shape == (30,)
+
+
+def test_yield_completed_trajectories():
+    with AsyncBatchedCollector([make_cartpole] * 2, policy=cartpole_policy(), frames_per_batch=10,
+                               total_frames=100, yield_completed_trajectories=True, seed=0) as c:
+        trajs = list(c)
+    assert sum(t.shape[0] for t in trajs) >= 100
+    for t in trajs:
+        done = t["next", "done"].squeeze(-1)
+        assert bool(done[-1]) and not bool(done[:-1].any())  # exactly one episode, ending with its done
+        assert len(set(t["env_index"].tolist())) == 1
+        nxt, cur = t["next", "observation"][:-1], t["observation"][1:]
+        assert torch.equal(nxt, cur)  # consecutive steps of one env, in order
+
+
+class ListBuffer:
+    """A buffer with torchrl ReplayBuffer's ``extend`` (the torchrl one is tested where torchrl is installed)."""
+
+    def __init__(self):
+        self.batches = []
+
+    def extend(self, td):
+        self.batches.append(td)
+
+
+def test_replay_buffer_receives_batches_and_iteration_yields_none():
+    rb = ListBuffer()
+    with AsyncBatchedCollector([make_cartpole] * 2, policy=cartpole_policy(), frames_per_batch=16,
+                               total_frames=48, replay_buffer=rb) as c:
+        out = list(c)
+    assert out == [None, None, None]
+    assert [b.shape[0] for b in rb.batches] == [16, 16, 16]
+
+
+class DictObsEnv(gym.Env):
+    """A gymnasium env with a Dict observation space and a continuous (Box) action."""
+
+    def __init__(self):
+        self.observation_space = gym.spaces.Dict({
+            "pos": gym.spaces.Box(-10, 10, (2,), dtype=float),
+            "vel": gym.spaces.Box(-10, 10, (2,), dtype=float),
+        })
+        self.action_space = gym.spaces.Box(-1, 1, (2,), dtype=float)
+        self.t = 0
+
+    def reset(self, seed=None, options=None):
+        super().reset(seed=seed)
+        self.t = 0
+        return {"pos": self.np_random.normal(size=2), "vel": self.np_random.normal(size=2)}, {}
+
+    def step(self, action):
+        assert self.action_space.contains(action.astype(float)), action
+        self.t += 1
+        obs = {"pos": self.np_random.normal(size=2), "vel": self.np_random.normal(size=2)}
+        return obs, float(action.sum()), False, self.t >= 5, {}
+
+
+class DictPolicy(nn.Module):
+    def forward(self, pos, vel):
+        return torch.tanh(pos + vel).to(torch.float64)
+
+
+def test_dict_observations_and_continuous_actions():
+    policy = TensorDictModule(DictPolicy(), in_keys=[("observation", "pos"), ("observation", "vel")],
+                              out_keys=["action"])
+    with AsyncBatchedCollector(DictObsEnv, policy=policy, frames_per_batch=20, total_frames=20, num_envs=2) as c:
+        (b,) = list(c)
+    assert b["observation", "pos"].shape == (20, 2) and b["next", "observation", "vel"].shape == (20, 2)
+    assert b["action"].shape == (20, 2)
+    assert torch.allclose(b["next", "reward"].squeeze(-1).double(), b["action"].sum(-1), atol=1e-5)
+
+
+def test_pendulum_with_a_linear_policy():
+    torch.manual_seed(0)
+    policy = TensorDictModule(nn.Linear(3, 1), in_keys=["observation"], out_keys=["action"])
+    with AsyncBatchedCollector(lambda: gym.make("Pendulum-v1"), policy=policy, frames_per_batch=40,
+                               total_frames=40, num_envs=2) as c:
+        (b,) = list(c)
+    assert b["action"].shape == (40, 1) and b["observation"].shape == (40, 3)
+
+
+def test_exploration_type_reaches_the_policy():
+    from tensordict.nn.probabilistic import interaction_type
+
+    seen = set()
+
+    def policy(td):
+        seen.add(str(interaction_type()))
+        td["action"] = torch.zeros(td.shape[0], dtype=torch.int64)
+        return td
+
+    for mode, want in ((None, "random"), ("deterministic", "deterministic")):
+        seen.clear()
+        kw = {} if mode is None else {"exploration_type": mode}
+        with AsyncBatchedCollector(make_cartpole, policy=policy, frames_per_batch=8, total_frames=8, **kw) as c:
+            list(c)
+        assert seen == {want}, (mode, seen)  # torchrl's default exploration type is "random"
+
+
+def test_seed_state_dict_and_restart_after_shutdown():
+    c = AsyncBatchedCollector(make_cartpole, policy=cartpole_policy(), frames_per_batch=10, total_frames=30,
+                              num_envs=2)
+    assert c.set_seed(7) == 7
+    it = iter(c)
+    first = next(it)
+    first_obs = first["observation"][first["env_index"] == 0][0]
+    want = torch.as_tensor(gym.make("CartPole-v1").reset(seed=7)[0])
+    assert torch.allclose(first_obs, want)  # env 0 reset with seed + 0
+    c.shutdown()
+    assert c.state_dict()["frames"] == 10
+    rest = list(c)  # iterating again after shutdown starts afresh, counting on
+    c.shutdown()
+    assert [b.shape[0] for b in rest] == [10, 10]
+    d = AsyncBatchedCollector(make_cartpole, policy=cartpole_policy(), frames_per_batch=10, total_frames=30)
+    d.load_state_dict(c.state_dict())
+    assert d.frames == 30 and list(d) == []

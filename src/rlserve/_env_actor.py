@@ -16,7 +16,8 @@ from collections import deque
 import numpy as np
 import torch
 
-from ._td import TensorDict, flat_leaves, new_td
+from ._td import TensorDict, TensorDictBase, flat_leaves, new_td
+from ._torchrl_env import TorchRLEnvLoop, is_torchrl_env, stack_td_transitions
 from .errors import RLServeError, ServerClosedError
 
 __all__ = ["EnvError", "Sink", "EnvActor"]
@@ -70,18 +71,25 @@ class Sink:
             self.room.notify_all()
 
 
-def to_tensor(x) -> torch.Tensor:
-    """A tensor that owns its memory (envs may reuse their observation buffers)."""
+def to_tensor(x):
+    """A tensor that owns its memory (envs may reuse their observation buffers); a dict
+    observation (gymnasium ``Dict`` spaces) becomes a TensorDict of them."""
     if isinstance(x, torch.Tensor):
         return x.detach().clone()
     if isinstance(x, np.ndarray):
         return torch.from_numpy(x.copy())  # ~3x cheaper than torch.tensor(x)
+    if isinstance(x, dict):
+        return TensorDict({k: to_tensor(v) for k, v in x.items()}, batch_size=_EMPTY)
     return torch.tensor(np.asarray(x))
 
 
-def to_env_action(a: torch.Tensor):
-    """What ``env.step`` expects: a Python scalar for 0-d actions, else a numpy array."""
-    return a.item() if a.ndim == 0 else a.numpy()
+def to_env_action(a):
+    """What ``env.step`` expects: a Python scalar for 0-d actions, a dict for a TensorDict
+    (gymnasium ``Dict`` action spaces), else a numpy array."""
+    if isinstance(a, TensorDictBase):
+        return {k: to_env_action(v) for k, v in a.items()}
+    a = a.detach()
+    return a.item() if a.ndim == 0 else a.cpu().numpy()
 
 
 class EnvActor:
@@ -98,6 +106,13 @@ class EnvActor:
         self.action_key = action_key
         self.timeout = timeout
         self.env = None
+
+    def guard(self, phase: str, fn, *args):
+        """``fn(*args)``, its exception as an :class:`EnvError` naming this env and ``phase``."""
+        try:
+            return fn(*args)
+        except Exception as e:
+            raise EnvError(self.env_id, phase, e) from e
 
     def _reset(self, env, seed):
         phase = "reset()"
@@ -131,6 +146,9 @@ class EnvActor:
                 env = self.env = self.make_env()
             except Exception as e:
                 raise EnvError(self.env_id, "create_env_fn()", e) from e
+            if is_torchrl_env(env):  # torchrl's EnvBase: its whole step TensorDict goes to the policy
+                TorchRLEnvLoop(self).run(env)
+                return
             for name in ("reset", "step"):
                 if not callable(getattr(env, name, None)):
                     raise EnvError(self.env_id, "create_env_fn()", TypeError(
@@ -177,11 +195,19 @@ class EnvActor:
 
 
 def stack_transitions(recs: list, obs_key: str = "observation") -> TensorDict:
-    """Turn actor tuples into one TensorDict in torchrl's layout (``next`` holds the outcome)."""
+    """Turn actor records into one TensorDict in torchrl's layout (``next`` holds the outcome).
+
+    Records of torchrl envs are ``(env_id, transition TensorDict)``; those of
+    gymnasium-style envs plain tuples. Each row carries ``env_index`` (torchrl's
+    key) and ``env_id`` (rlserve's).
+    """
+    if len(recs[0]) == 2:
+        return stack_td_transitions(recs)
     n = len(recs)
     bs = torch.Size([n])
     env_id, obs, rows, rew, term, trunc, nobs = zip(*recs)
-    out = {obs_key: torch.stack(obs), "env_id": torch.tensor(env_id, dtype=torch.int64)}
+    ids = torch.tensor(env_id, dtype=torch.int64)
+    out = {obs_key: torch.stack(obs), "env_id": ids, "env_index": ids.clone()}
     if all(type(r) is dict for r in rows):
         keys = list(rows[0])
         if all(r.keys() == rows[0].keys() for r in rows):

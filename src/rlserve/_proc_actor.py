@@ -10,6 +10,7 @@ that dies without a word is reported by the feeder.
 from __future__ import annotations
 
 import multiprocessing as mp
+import pickle
 import queue
 import threading
 import time
@@ -51,6 +52,12 @@ class _ChildSink:
         return self._stop.is_set()
 
     def put(self, rec) -> None:
+        if len(rec) == 2:  # a torchrl env's transition TensorDict: chunks travel stacked
+            chunk = self._chunk
+            chunk.append(rec)
+            if len(chunk) >= self.chunk_size:
+                self.flush()
+            return
         env_id, obs, row, r, term, trunc, nobs = rec
         row = {k: v.numpy() for k, v in row.items()} if type(row) is dict else row
         chunk = self._chunk
@@ -62,8 +69,13 @@ class _ChildSink:
         """Send the buffered transitions as one message (one pickle, one pipe write)."""
         if not self._chunk:
             return
-        msg = ("t", self._chunk)
-        self._chunk = []
+        chunk, self._chunk = self._chunk, []
+        if len(chunk[0]) == 2:  # torchrl transitions: one stacked TensorDict (one pickle of whole columns)
+            # Pickled here, by value: a queue would share each tensor through a file descriptor of its
+            # own (torch's reducers), slow, and lost if this process ends before the parent reads it.
+            msg = ("td", [r[0] for r in chunk], pickle.dumps(_stack(chunk), protocol=pickle.HIGHEST_PROTOCOL))
+        else:
+            msg = ("t", chunk)
         while not self._stop.is_set():
             try:
                 self._q.put(msg, timeout=_WAIT_S)
@@ -98,6 +110,17 @@ def _child_main(env_id, make_env, client, q, stop_ev, seed, obs_key, action_key,
             # error) exit only once the queue is flushed, or the error message would be lost;
             # a parent that stops reading meanwhile terminates us after its join timeout.
             q.cancel_join_thread()
+
+
+def _stack(chunk: list):
+    """One TensorDict of a chunk's transitions (tensordict's lazy stack when their keys differ)."""
+    tds = [r[1] for r in chunk]
+    try:
+        return torch.stack(tds)
+    except (RuntimeError, KeyError, ValueError):
+        from tensordict import LazyStackedTensorDict
+
+        return LazyStackedTensorDict(*tds, stack_dim=0)
 
 
 def _rebuild_error(env_id, info) -> BaseException:
@@ -154,6 +177,9 @@ class ProcessActors:
             if kind == "t":
                 for rec in rest[0]:
                     sink.put(_to_tensors(rec))
+            elif kind == "td":
+                for env_id, td in zip(rest[0], pickle.loads(rest[1]).unbind(0)):
+                    sink.put((env_id, td))
             elif kind == "ep":
                 sink.episodes.append(rest[0])
             elif kind == "error":

@@ -25,6 +25,7 @@ def _demo(a) -> int:
 
     cfg = DemoConfig(envs=a.envs, time_limit=a.time_limit, target=a.target, window=a.window,
                      frames_per_batch=a.frames_per_batch, seed=a.seed, actor_type=a.actors,
+                     torchrl_env=a.torchrl_env,
                      progress=False if a.no_progress else None)
     print(f"training PPO on {cfg.env} with {cfg.envs} environments (time limit {cfg.time_limit:.0f} s, "
           f"target mean return {cfg.target:.0f} over {cfg.window} episodes)", flush=True)
@@ -188,6 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--actors", choices=["thread", "process"], default="thread",
                    help="actor threads (default) or one process per env (MPTransport)")
+    d.add_argument("--torchrl-env", action="store_true",
+                   help="step torchrl's GymEnv instead of gymnasium's env (needs torchrl)")
     d.add_argument("--plot", default="demo.png", help="PNG to write ('' for none; default demo.png)")
     d.add_argument("--no-progress", action="store_true", help="no progress bar even on a tty")
     d.add_argument("--strict", action="store_true", help="exit with status 1 when not solved")

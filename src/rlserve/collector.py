@@ -1,20 +1,28 @@
 """AsyncBatchedCollector: many environments, one batched policy server, batches of experience.
 
-Each environment is stepped by its own actor thread; every action comes from an
-:class:`~rlserve.InferenceServer` the collector owns, so the policy runs once
-per batch of pending actors instead of once per step. Iterating the collector
-yields TensorDicts of ``frames_per_batch`` transitions while the actors keep
-stepping (the trainer learns on one batch while the next is gathered), and the
-``policy_version`` of each transition tells how far acting lags learning.
+Each environment is stepped by its own actor (a thread, or a process); every
+action comes from an :class:`~rlserve.InferenceServer` the collector owns, so
+the policy runs once per batch of pending actors instead of once per step.
+Iterating the collector yields TensorDicts of ``frames_per_batch`` transitions
+while the actors keep stepping (the trainer learns on one batch while the next
+is gathered), and the ``policy_version`` of each transition tells how far
+acting lags learning. Environments are gymnasium-style (``reset()``/``step()``)
+or torchrl ``EnvBase`` (their whole step TensorDict goes to the policy).
+
+The constructor takes torchrl 0.14's ``AsyncBatchedCollector`` arguments as
+well as rlserve's own.
 """
 from __future__ import annotations
 
+import dataclasses
 import sys
 import threading
 import time
+from typing import Any, Callable, Iterator
 
 import torch
 
+from ._collector_args import resolve
 from ._env_actor import EnvActor, EnvError, Sink, stack_transitions
 from .errors import ServerDeadError
 from .server import InferenceServer
@@ -26,90 +34,155 @@ _WAIT_S = 0.2  # liveness-check period while waiting for a batch
 
 
 class AsyncBatchedCollector:
-    """Run ``num_envs`` environments against a served policy; iterate to get batches.
+    """Run environments against a served policy; iterate to get batches of transitions.
 
     Args:
-        create_env_fn: a callable returning an environment (a gymnasium env, or
-            any object with ``reset()`` and ``step(action)``), or a list of such
-            callables, one per environment.
-        policy: the model served to every actor: batched TensorDict in (with
-            ``obs_key``), batched TensorDict out (with ``action_key``; every other
-            output key, e.g. a log-prob, is kept in the data).
-        frames_per_batch: transitions per yielded TensorDict.
+        create_env_fn: a callable returning an environment (gymnasium-style,
+            with ``reset()`` and ``step(action)``, or a torchrl ``EnvBase``), or a
+            list of them, one per environment.
+        policy: the model served to every actor: batched TensorDict in, batched
+            TensorDict out (with ``action``; every other output key, e.g. a
+            log-prob or a recurrent state, is kept in the data).
+        frames_per_batch: transitions per yielded TensorDict (the last one of a
+            run is cut to ``total_frames``).
         total_frames: stop after this many frames (``-1``: iterate forever).
-        num_envs: number of environments/actors when ``create_env_fn`` is one callable.
-        weight_sync: a :class:`~rlserve.WeightSyncScheme` handed to the server;
-            the trainer calls ``scheme.send(...)`` (or :meth:`update_policy_weights_`).
-        max_buffered_frames: actors pause while this many transitions wait
-            to be yielded (default ``2 * frames_per_batch``): bounds memory and lag.
-        seed: env ``i`` is reset with ``seed + i`` the first time (if it takes a seed).
+
+    Keyword Args:
+        policy_factory: builds the policy instead of ``policy``.
+        num_envs: number of environments when ``create_env_fn`` is one callable.
+        max_batch_size, min_batch_size, server_timeout: the server's batching
+            (``max_batch_size`` defaults to the number of environments).
+        env_backend: ``"threading"`` (default: one actor thread per env) or
+            ``"multiprocessing"`` (one child process per env, served through
+            :class:`~rlserve.MPTransport`; factories must then be picklable,
+            e.g. ``functools.partial(gym.make, "CartPole-v1")``). ``backend``
+            and ``actor_type="thread"/"process"`` say the same.
+        yield_completed_trajectories: yield one finished episode at a time
+            (``frames_per_batch`` is then ignored, as in torchrl).
+        postproc: applied to each batch before it is yielded (or stored).
+        replay_buffer: a torchrl ``ReplayBuffer``: each batch is ``extend``-ed
+            into it and iteration yields ``None``.
+        exploration_type: the interaction type the policy runs under (default
+            ``"random"``, as torchrl).
+        weight_sync: a weight-sync scheme handed to the server; the trainer calls
+            ``scheme.send(...)`` (or :meth:`update_policy_weights_`).
+        server_config, device_config: torchrl's configs (``device_config.storing_device``:
+            where batches are moved before they are yielded).
+        policy_version, policy_version_key: the version of the initial weights,
+            and the key of the per-transition version.
+        post_collect_hook: called with each (post-processed) batch.
+        create_env_kwargs: keyword arguments of the factories (one dict, or one per env).
+        max_buffered_frames: actors pause while this many transitions wait to be
+            yielded (default ``2 * frames_per_batch``): bounds memory and lag.
+        seed: env ``i`` is seeded with ``seed + i`` at its first reset.
         progress: show a tqdm bar (``None``: only when stderr is a tty and
             ``total_frames`` is set).
         request_timeout: seconds an actor waits for one action (``None``: no
             limit; a dead server is still noticed within ~0.2 s).
-        server_kwargs: extra keyword arguments for the :class:`InferenceServer`
-            (``max_batch_size`` defaults to ``num_envs``).
-        actor_type: ``"thread"`` (default: actors are threads of this process) or
-            ``"process"`` (one child process per env, served through
-            :class:`~rlserve.MPTransport`; ``create_env_fn`` must then be
-            picklable, e.g. ``functools.partial(gym.make, "CartPole-v1")``).
+        obs_key, action_key: keys of gymnasium-style envs' observation and action.
+        server_kwargs: extra keyword arguments of the :class:`InferenceServer`.
         mp_context: start method of process actors (default ``"spawn"``).
+
+    Accepted for torchrl compatibility without effect: ``transport`` (``"auto"``,
+    ``"driver"``; an in-process or MP transport instance is used),
+    ``env_exchange``, ``envs_per_worker`` (1), ``transition_chunk_size``,
+    ``policy_backend``, ``reset_at_each_iter``, ``verbose``, ``worker_affinity``,
+    ``driver_affinity``.
     """
 
-    def __init__(self, create_env_fn, policy, frames_per_batch: int, total_frames: int = -1, *,
-                 num_envs: int | None = None, weight_sync=None, max_buffered_frames: int | None = None,
-                 seed: int | None = None, progress: bool | None = None, request_timeout: float | None = None,
-                 obs_key: str = "observation", action_key: str = "action", server_kwargs: dict | None = None,
-                 actor_type: str = "thread", mp_context: str = "spawn"):
-        if isinstance(create_env_fn, (list, tuple)):
-            fns = list(create_env_fn)
-            if num_envs is not None and num_envs != len(fns):
-                raise ValueError(f"num_envs={num_envs} but {len(fns)} create_env_fn were given")
-        else:
-            fns = [create_env_fn] * (num_envs if num_envs is not None else 1)
-        if not fns or not all(callable(f) for f in fns):
-            raise TypeError("create_env_fn must be a callable (or a non-empty list of callables) returning an env")
-        if frames_per_batch < 1:
-            raise ValueError(f"frames_per_batch must be >= 1, got {frames_per_batch}")
-        if actor_type not in ("thread", "process"):
-            raise ValueError(f"actor_type must be 'thread' or 'process', got {actor_type!r}")
-        self.actor_type, self.mp_context = actor_type, mp_context
-        if actor_type == "process" and mp_context != "fork":
-            _check_picklable(fns)
-        self.create_env_fns = fns
-        self.num_envs = len(fns)
-        self.frames_per_batch = int(frames_per_batch)
+    def __init__(self, create_env_fn: Any, policy: Any = None, frames_per_batch: int | None = None,
+                 total_frames: int = -1, *, policy_factory: Callable[[], Any] | None = None,
+                 num_envs: int | None = None, max_batch_size: int | None = None, min_batch_size: int | None = None,
+                 server_timeout: float | None = None, transport: Any = None, device: Any = None,
+                 backend: str | None = None, env_backend: str | None = None, env_exchange: str = "auto",
+                 envs_per_worker: int = 1, transition_chunk_size: Any = "auto", policy_backend: str | None = None,
+                 reset_at_each_iter: bool = False, postproc: Callable | None = None, exploration_type: Any = "random",
+                 replay_buffer: Any = None, post_collect_hook: Callable | None = None,
+                 yield_completed_trajectories: bool = False, weight_sync: Any = None,
+                 weight_sync_model_id: str = "policy", verbose: bool = False, create_env_kwargs: Any = None,
+                 worker_affinity: Any = None, driver_affinity: Any = None, server_config: Any = None,
+                 device_config: Any = None, policy_version: int = 0, policy_version_key: Any = "policy_version",
+                 max_buffered_frames: int | None = None, seed: int | None = None, progress: bool | None = None,
+                 request_timeout: float | None = None, obs_key: str = "observation", action_key: str = "action",
+                 server_kwargs: dict | None = None, actor_type: str | None = None, mp_context: str = "spawn"):
+        storing = getattr(device_config, "storing_device", None) if device_config is not None else None
+        if storing is not None:  # a collector setting: the server does not take it
+            device_config = dataclasses.replace(device_config, storing_device=None)
+        s = resolve(create_env_fn, policy=policy, policy_factory=policy_factory, frames_per_batch=frames_per_batch,
+                    num_envs=num_envs, max_batch_size=max_batch_size, min_batch_size=min_batch_size,
+                    server_timeout=server_timeout, transport=transport, device=device, backend=backend,
+                    env_backend=env_backend, actor_type=actor_type, env_exchange=env_exchange,
+                    envs_per_worker=envs_per_worker, transition_chunk_size=transition_chunk_size,
+                    create_env_kwargs=create_env_kwargs, server_config=server_config, device_config=device_config,
+                    server_kwargs=server_kwargs)
+        self.env_backend = s.env_backend
+        self.actor_type = "process" if s.env_backend == "multiprocessing" else "thread"
+        self.mp_context = mp_context
+        if self.actor_type == "process" and mp_context != "fork":
+            _check_picklable(s.fns)
+        self.create_env_fns = s.fns
+        self.num_envs = len(s.fns)
+        self.policy = s.policy
+        self.frames_per_batch = self.requested_frames_per_batch = int(frames_per_batch)
         self.total_frames = int(total_frames)
         self.seed = seed
         self.obs_key, self.action_key = obs_key, action_key
         self.request_timeout = request_timeout
         self.progress = progress
-        kw = dict(max_batch_size=self.num_envs)
-        kw.update(server_kwargs or {})
+        self.postproc = postproc
+        self.replay_buffer = replay_buffer
+        self.post_collect_hook = post_collect_hook
+        self.yield_completed_trajectories = bool(yield_completed_trajectories)
+        self.exploration_type = exploration_type
+        self.reset_at_each_iter = reset_at_each_iter
+        self.storing_device = storing
         self.weight_sync = weight_sync
-        if actor_type == "process":
-            from .transports.mp import MPTransport
+        self.verbose = verbose
+        if transport is None or isinstance(transport, str):
+            if self.actor_type == "process":
+                from .transports.mp import MPTransport
 
-            self.transport = MPTransport(max_clients=max(64, self.num_envs))
-        else:
-            self.transport = ThreadingTransport()
-        self.server = InferenceServer(policy, self.transport, weight_sync=weight_sync, **kw)
-        cap = max_buffered_frames if max_buffered_frames is not None else 2 * self.frames_per_batch
-        self._sink = Sink(self.frames_per_batch, max(cap, self.frames_per_batch))
-        self._threads: list[threading.Thread] = []
+                transport = MPTransport(max_clients=max(64, self.num_envs))
+            else:
+                transport = ThreadingTransport()
+        self.transport = transport
+        kw = dict(s.server_kwargs)
+        kw.setdefault("interaction_type", exploration_type)
+        self.server = InferenceServer(self.policy, transport, weight_sync=weight_sync,
+                                      weight_sync_model_id=weight_sync_model_id, policy_version=policy_version,
+                                      policy_version_key=policy_version_key, **kw)
+        self._cap = max(max_buffered_frames if max_buffered_frames is not None else 2 * self.frames_per_batch,
+                        self.frames_per_batch)
+        self._sink = Sink(self.frames_per_batch, self._cap)
+        self._threads: list = []
         self._started = self._closed = False
-        self._pushed_version = 0
+        self._pushed_version = int(policy_version)
+        self._trajs: dict = {}  # env_id -> transitions of its running episode (yield_completed_trajectories)
+        self._replay_thread: threading.Thread | None = None
+        self._replay_error: BaseException | None = None
+        self._iterator: Iterator[Any] | None = None  # next()'s
         self.frames = 0  # frames yielded so far
         self.batches = 0
-        self._t0 = None
+        self._t0: float | None = None
 
     # -- lifecycle -------------------------------------------------------------
-    def start(self) -> "AsyncBatchedCollector":
-        """Start the server and the actors (iteration does this on its own)."""
-        if self._closed:
-            raise RuntimeError("this collector is shut down; create a new one")
+    def start(self) -> AsyncBatchedCollector:
+        """Start the server and the actors (iteration does this on its own); with a
+        ``replay_buffer``, also collect into it from a background thread. Returns ``self``."""
+        self._start_actors()
+        if self.replay_buffer is not None and self._replay_thread is None:
+            self._replay_thread = threading.Thread(target=self._fill_replay, name="rlserve-replay", daemon=True)
+            self._replay_thread.start()
+        return self
+
+    def _start_actors(self) -> None:
         if self._started:
-            return self
+            return
+        if self._closed:  # iterating again after shutdown starts afresh (frames counted so far are kept)
+            self._closed = False
+            self._sink = Sink(self.frames_per_batch, self._cap)
+            self._threads = []
+            self._trajs = {}
         self._started = True
         self.server.start()
         self._t0 = time.monotonic()
@@ -120,33 +193,44 @@ class AsyncBatchedCollector:
             self._threads.append(ProcessActors(
                 self.create_env_fns, client, self._sink, seed=self.seed, obs_key=self.obs_key,
                 action_key=self.action_key, timeout=self.request_timeout, mp_context=self.mp_context))
-            return self
+            return
         for i, fn in enumerate(self.create_env_fns):
             actor = EnvActor(i, fn, client, self._sink, seed=None if self.seed is None else self.seed + i,
                              obs_key=self.obs_key, action_key=self.action_key, timeout=self.request_timeout)
             t = threading.Thread(target=actor.run, name=f"rlserve-env-{i}", daemon=True)
             self._threads.append(t)
             t.start()
-        return self
 
-    def shutdown(self, timeout: float = 5.0) -> None:
-        """Stop the actors, then the server. Safe to call twice."""
-        if self._closed:
+    def shutdown(self, timeout: float | None = 5.0, close_env: bool = True, raise_on_error: bool = False) -> None:
+        """Stop the actors, then the server. Safe to call twice; iterating again starts afresh."""
+        if self._closed or not self._started:
+            self._closed = True
             return
         self._closed = True
+        self._started = False
+        timeout = 5.0 if timeout is None else timeout
         self._sink.stop()
         for t in self._threads:
             if hasattr(t, "stop"):  # process actors watch their own stop flag
                 t.stop()
-        self.server.shutdown()  # actors blocked on an answer get ServerClosedError at once
+        self.server.shutdown(timeout)  # actors blocked on an answer get ServerClosedError at once
         deadline = time.monotonic() + timeout
         for t in self._threads:
             t.join(max(0.0, deadline - time.monotonic()))
+        rt = self._replay_thread
+        if rt is not None and rt is not threading.current_thread():
+            rt.join(max(0.0, deadline - time.monotonic()))
+        self._replay_thread = None
+        if raise_on_error and self._replay_error is not None:
+            raise RuntimeError("Background replay collection failed.") from self._replay_error
 
-    def __enter__(self) -> "AsyncBatchedCollector":
-        return self.start()
+    async_shutdown = shutdown
 
-    def __exit__(self, *exc) -> None:
+    def __enter__(self) -> AsyncBatchedCollector:
+        self._start_actors()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
         self.shutdown()
 
     def __del__(self):
@@ -156,25 +240,64 @@ class AsyncBatchedCollector:
         except Exception:
             pass
 
+    def __len__(self) -> int:
+        if self.total_frames <= 0:
+            raise RuntimeError("Non-terminating collectors do not have a length")
+        return -(self.total_frames // -self.frames_per_batch)
+
+    def __repr__(self) -> str:
+        return f"AsyncBatchedCollector(num_envs={self.num_envs}, env_backend={self.env_backend!r})"
+
     # -- data ------------------------------------------------------------------
-    def __iter__(self):
-        self.start()
+    def __iter__(self) -> Iterator[Any]:
+        self._start_actors()
         bar = self._bar()
         try:
             while self.total_frames < 0 or self.frames < self.total_frames:
-                td = self.next_batch()
+                td = self._next_trajectory() if self.yield_completed_trajectories else self.next_batch()
                 if bar is not None:
-                    bar.update(td.shape[0])
+                    bar.update(td.numel())
+                td = self._after_batch(td)
                 yield td
         finally:
             if bar is not None:
                 bar.close()
 
-    def next_batch(self, timeout: float | None = None):
-        """Block for the next ``frames_per_batch`` transitions; raise the first actor error."""
-        self.start()
+    def iterator(self) -> Iterator[Any]:
+        """The generator behind iteration (torchrl's name)."""
+        return iter(self)
+
+    def next(self) -> Any:
+        """The next batch, or ``None`` once ``total_frames`` are collected."""
+        it = self._iterator
+        if it is None:
+            it = self._iterator = iter(self)
+        return next(it, None)
+
+    def _after_batch(self, td: Any) -> Any:
+        """postproc, then the hook, then the replay buffer (as torchrl orders them)."""
+        if self.storing_device is not None:
+            td = td.to(self.storing_device)
+        if self.postproc is not None:
+            td = self.postproc(td)
+        if self.post_collect_hook is not None:
+            self.post_collect_hook(td)
+        if self.replay_buffer is not None:
+            self.replay_buffer.extend(td)
+            return None
+        return td
+
+    def _fill_replay(self) -> None:
+        try:
+            for _ in self:
+                if self._closed:
+                    return
+        except BaseException as e:
+            self._replay_error = e
+
+    def _take(self, n: int, timeout: float | None) -> list:
+        """Block for ``n`` transitions of the actors; raise the first actor error."""
         sink = self._sink
-        n = self.frames_per_batch
         deadline = None if timeout is None else time.monotonic() + timeout
         self._raise_if_broken()  # a failed env stops collection even when data is buffered
         while len(sink.buf) < n:
@@ -189,9 +312,31 @@ class AsyncBatchedCollector:
         recs = [pop() for _ in range(n)]
         with sink.room:
             sink.room.notify_all()
+        return recs
+
+    def next_batch(self, timeout: float | None = None) -> Any:
+        """Block for the next ``frames_per_batch`` transitions (fewer for the last batch of a run)."""
+        self._start_actors()
+        n = self.frames_per_batch
+        if self.total_frames >= 0:
+            n = max(1, min(n, self.total_frames - self.frames))
+        td = stack_transitions(self._take(n, timeout), self.obs_key)
         self.frames += n
         self.batches += 1
-        return stack_transitions(recs, self.obs_key)
+        return td
+
+    def _next_trajectory(self, timeout: float | None = None) -> Any:
+        """The next finished episode of any env (transitions of one env, in order)."""
+        trajs = self._trajs
+        while True:
+            (rec,) = self._take(1, timeout)
+            env_id = rec[0]
+            trajs.setdefault(env_id, []).append(rec)
+            if _done(rec):
+                td = stack_transitions(trajs.pop(env_id), self.obs_key)
+                self.frames += td.numel()
+                self.batches += 1
+                return td
 
     def _raise_if_broken(self) -> None:
         err = self._sink.error
@@ -218,26 +363,36 @@ class AsyncBatchedCollector:
         return tqdm(total=self.total_frames if self.total_frames > 0 else None, unit="frame", dynamic_ncols=True)
 
     # -- weights and figures ---------------------------------------------------
-    def update_policy_weights_(self, weights=None) -> int:
+    def update_policy_weights_(self, policy_or_weights: Any = None, /, *, weights: Any = None, policy: Any = None,
+                               worker_ids: Any = None, model_id: str | None = None, **kwargs: Any) -> int:
         """Push the trainer's weights to the served policy; returns their version.
 
-        ``weights``: an ``nn.Module``, state dict or TensorDict of weights. With a
-        ``weight_sync`` scheme it is sent through the scheme (``None`` lets the
-        scheme use the model given to ``init_on_sender``); otherwise it goes to
+        ``policy_or_weights`` (or ``weights=`` / ``policy=``): an ``nn.Module``,
+        a state dict or a TensorDict of weights. With a ``weight_sync`` scheme it
+        is sent through the scheme (nothing: the scheme sends the model given to
+        its ``init_on_sender``); otherwise it goes to
         :meth:`InferenceServer.update_weights` and is applied between batches.
         """
+        if model_id not in (None, "policy"):
+            raise KeyError(f"Unknown AsyncBatchedCollector model_id {model_id!r}.")
+        for name, value in (("weights", weights), ("policy", policy)):
+            if value is not None:
+                if policy_or_weights is not None:
+                    raise ValueError(f"Cannot specify both positional 'policy_or_weights' and keyword '{name}'")
+                policy_or_weights = value
+        w = policy_or_weights
         if self.weight_sync is not None:
-            if isinstance(weights, torch.nn.Module) or weights is None:
-                v = self.weight_sync.send(model=weights)
+            if isinstance(w, torch.nn.Module) or w is None:
+                v = self.weight_sync.send(model=w)
             else:
-                v = self.weight_sync.send(weights=weights)
+                v = self.weight_sync.send(weights=w)
             self._pushed_version = int(v) if v is not None else self._pushed_version + 1
             return self._pushed_version
-        if weights is None:
+        if w is None:
             raise ValueError("update_policy_weights_() needs the trainer's weights (module or state dict) "
                              "when the collector has no weight_sync scheme")
         v = max(self._pushed_version, self.server.policy_version) + 1
-        self.server.update_weights(weights, version=v)
+        self.server.update_weights(w, version=v)
         self._pushed_version = v
         return v
 
@@ -252,9 +407,31 @@ class AsyncBatchedCollector:
         return max(self._pushed_version, self.server.policy_version)
 
     @property
+    def server_backend(self) -> str:
+        return "thread"
+
+    def server_stats(self, *, reset: bool = False) -> dict:
+        """The server's stats (torchrl's keys and rlserve's)."""
+        return self.server.stats(reset=reset)
+
+    @property
     def episodes(self) -> list:
         """Finished episodes so far: ``(monotonic time, env_id, return, length)``."""
         return list(self._sink.episodes)
+
+    def set_seed(self, seed: int, static_seed: bool = False) -> int:
+        """Seed env ``i`` with ``seed + i`` at its first reset (envs not started yet); returns ``seed``."""
+        self.seed = seed
+        return seed
+
+    def state_dict(self) -> dict:
+        """Frames and batches collected so far, and the newest policy version."""
+        return {"frames": self.frames, "batches": self.batches, "policy_version": self.policy_version}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Continue counting frames and batches from ``state_dict`` (a :meth:`state_dict`)."""
+        self.frames = int(state_dict.get("frames", self.frames))
+        self.batches = int(state_dict.get("batches", self.batches))
 
     def stats(self) -> dict:
         """Collector figures plus the server's (``"server"``)."""
@@ -265,11 +442,20 @@ class AsyncBatchedCollector:
             "frames_per_s": self.frames / el if el > 0 else 0.0,
             "episodes": len(self._sink.episodes),
             "elapsed_s": el,
+            "policy_version": self.policy_version,
             "server": self.server.stats(),
         }
 
 
-def _check_picklable(fns) -> None:
+def _done(rec: tuple) -> bool:
+    """Whether a transition record ends its episode."""
+    if len(rec) == 2:
+        return bool(rec[1].get(("next", "done")).any())
+    _, _, _, _, term, trunc, _ = rec
+    return bool(term or trunc)
+
+
+def _check_picklable(fns: list) -> None:
     """Process actors receive their env factory by pickle: fail here, clearly, not in a child."""
     import pickle
 
@@ -281,3 +467,4 @@ def _check_picklable(fns) -> None:
                 f"create_env_fn for env {i} cannot be pickled ({type(e).__name__}: {e}); process actors need "
                 "a picklable factory such as functools.partial(gym.make, 'CartPole-v1') or a module-level "
                 "function, not a lambda or a local function") from e
+

@@ -21,7 +21,8 @@ import inspect
 from typing import Any, Iterator
 
 import torch
-from tensordict.nn import InteractionType, interaction_type, set_interaction_type
+from tensordict.nn import InteractionType, set_interaction_type
+from tensordict.nn.probabilistic import interaction_type  # not re-exported by tensordict.nn before 0.15
 
 from ._td import TensorDict, TensorDictBase
 

@@ -42,7 +42,7 @@ from .collate import (
 )
 from .errors import ServerDeadError
 from .explain import explain_failure, model_reads
-from .interaction import MARKER, interaction_type, running_as
+from .interaction import MARKER, code_of, interaction_type, running_as
 from .stats import ServerStats
 from .transport import InferenceTransport
 
@@ -68,6 +68,7 @@ class BatchRunner:
         policy_version_key: where the version is stamped (None: nowhere).
         static_batch_size: pad every batch to this many rows by repeating its
             last request (the padding's outputs are dropped).
+        interaction_type: the interaction type of requests that carry none.
     """
 
     def __init__(
@@ -81,6 +82,7 @@ class BatchRunner:
         collate_fn: Callable[[list], TensorDictBase] | None = None,
         policy_version_key: Any = "policy_version",
         static_batch_size: int | None = None,
+        interaction_type: Any = None,
     ):
         self.model = model
         # the direct call builds flat rows: a nested version key takes the general path
@@ -94,6 +96,7 @@ class BatchRunner:
         self.collate_fn = collate_fn
         self.version_key = policy_version_key
         self.static = static_batch_size
+        self.default_code = code_of(interaction_type)  # for requests whose caller had no interaction type
         self.graph = None  # a captured CUDA graph of the model (InferenceServer.prepare_cudagraph)
         self.accepted: dict = {}  # signatures the model ran, newest last (bounded): for error messages
         self.reads = model_reads(model)  # the keys the model reads, when it says: for error messages
@@ -181,6 +184,8 @@ class BatchRunner:
 
     def _forward(self, batch: TensorDictBase | dict, sig: tuple, n: int) -> Any:
         code = sig[4]
+        if code is None:
+            code = self.default_code
         if code is None and interaction_type() is None:  # the usual case: no interaction type anywhere
             return self._call(batch, sig, n)
         with running_as(code):  # the callers' interaction type, whatever this thread's is

@@ -115,6 +115,9 @@ class InferenceServer(ServerAPI):
         policy_version: the version of the initial weights.
         policy_version_key: key (nested keys allowed) of the int64 version
             stamped on every answer; ``None`` disables the stamp.
+        interaction_type: the interaction type (``"random"``, ``"mode"``, ...)
+            of requests whose caller had none; ``None``: none either (each
+            probabilistic module's default). A caller's own always wins.
         num_threads: ``torch.set_num_threads`` on the serving thread (a
             per-thread setting: the caller's threads keep theirs). Intra-op
             threads spinning against actor threads make a small machine
@@ -175,6 +178,7 @@ class InferenceServer(ServerAPI):
         shutdown_event: Any = None,
         policy_version: int = 0,
         policy_version_key: Any = "policy_version",
+        interaction_type: Any = None,
         num_threads: int | None = 1,
         run_in_caller: bool = True,
         name: str = "rlserve-server",
@@ -228,7 +232,8 @@ class InferenceServer(ServerAPI):
         self._stats = stats_cls(self.batching.max_batch_size, self.stats_window_size)
         self._runner = BatchRunner(
             model, self.transport, self._stats, device=self.device, output_device=self.output_device,
-            collate_fn=collate_fn, policy_version_key=policy_version_key, static_batch_size=self.static_batch_size)
+            collate_fn=collate_fn, policy_version_key=policy_version_key, static_batch_size=self.static_batch_size,
+            interaction_type=interaction_type)
         self._handle = _Handle(self)
         self._thread: threading.Thread | None = None
         self._serving = False

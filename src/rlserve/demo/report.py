@@ -12,7 +12,8 @@ def format_report(r: dict) -> str:
     status = (f"SOLVED in {r['solve_time_s']:.1f} s" if r["solved"]
               else f"not solved within {r['time_limit_s']:.0f} s")
     return "\n".join([
-        f"rlserve demo: PPO on {r['env']}, {r['envs']} envs on actor {'processes' if r['actor_type'] == 'process' else 'threads'}, weights via {r['weight_sync']}",
+        f"rlserve demo: PPO on {r['env']} ({r.get('env_kind', 'gymnasium')}), {r['envs']} envs on actor "
+        f"{'processes' if r['actor_type'] == 'process' else 'threads'}, weights via {r['weight_sync']}",
         f"  result:      {status} (mean return of the last {r['window']} episodes: "
         f"{_f(r['final_return'], '{:.1f}')}, target {r['target']:.0f})",
         f"  throughput:  {r['frames']:,} frames in {r['elapsed_s']:.1f} s = {r['frames_per_s']:,.0f} frames/s; "

@@ -25,6 +25,7 @@ class DemoConfig:
     hidden: int = 64
     progress: bool | None = None
     actor_type: str = "thread"  # or "process": envs in child processes, served through MPTransport
+    torchrl_env: bool = False  # step torchrl's GymEnv (needs torchrl) instead of gymnasium's env
     ppo: PPOConfig = field(default_factory=PPOConfig)
 
 
@@ -58,8 +59,16 @@ def train(cfg: DemoConfig, log=print) -> dict:
     if scheme is not None:
         scheme.init_on_sender(model=trainer_policy)
 
+    if cfg.torchrl_env:
+        try:
+            from torchrl.envs import GymEnv
+        except ImportError:
+            raise ImportError("the demo's torchrl env option needs torchrl installed (pip install torchrl)") from None
+        make_env = functools.partial(GymEnv, cfg.env, categorical_action_encoding=True)
+    else:
+        make_env = functools.partial(gym.make, cfg.env)
     collector = AsyncBatchedCollector(
-        functools.partial(gym.make, cfg.env), served, cfg.frames_per_batch, -1, num_envs=cfg.envs,
+        make_env, served, cfg.frames_per_batch, -1, num_envs=cfg.envs,
         weight_sync=scheme, seed=cfg.seed, progress=False, actor_type=cfg.actor_type,
     )
     curve = []  # (seconds since start, mean return of the window)
@@ -107,6 +116,7 @@ def train(cfg: DemoConfig, log=print) -> dict:
         "env": cfg.env,
         "envs": cfg.envs,
         "actor_type": cfg.actor_type,
+        "env_kind": "torchrl GymEnv" if cfg.torchrl_env else "gymnasium",
         "weight_sync": type(scheme).__name__ if scheme is not None else "update_policy_weights_",
         "solved": solved_at is not None,
         "solve_time_s": solved_at,
