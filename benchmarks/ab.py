@@ -7,14 +7,16 @@
 Rows: ``threads:N`` (N actor threads, ThreadingTransport, a fresh observation
 per step unless ``--prebuilt-obs``), ``mp:N`` (N actor processes, MPTransport
 with the server in the benchmark process), ``ray:N`` (N Ray actors, the
-server in a Ray actor). The seed policy, ``max_batch_size=32``.
+server in a Ray actor): the seed policy, ``max_batch_size=32``;
+``collector:N`` (AsyncBatchedCollector, N gymnasium CartPole-v1 envs on
+actor threads, frames/s).
 
 Each run is a fresh process with the given tree first on ``PYTHONPATH`` (actor
 processes and Ray workers inherit it); the two trees alternate (A B, then
 B A, ...), each pair gives a ratio B / A, and ``../shared/tools/wait-idle``
 runs before each pair. The thread loop is this checkout's
-(``rlserve/bench/common.py``, loaded by path); MP and Ray rows use each
-tree's own benchmark module. Prints medians [min-max] of req/s, and of the ratios.
+(``rlserve/bench/common.py``, loaded by path); MP, Ray and collector rows
+use each tree's own benchmark module. Prints medians [min-max] of req/s, and of the ratios.
 """
 from __future__ import annotations
 
@@ -64,6 +66,11 @@ def _inner(kind: str, n: int, seconds: float, prebuilt: bool) -> None:
         from rlserve.bench.processes import bench_rlserve
 
         r = bench_rlserve(n, "vector", seconds, 32)
+    elif kind == "collector":
+        from rlserve.bench.collector import bench_collector
+
+        r = bench_collector(n, seconds, 1024)
+        r["req_s"] = r["fps"]
     elif kind == "ray":
         import ray
         from rlserve.bench.ray_actors import bench_actor_hosted, init_ray

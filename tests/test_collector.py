@@ -8,7 +8,7 @@ import torch.nn as nn
 from tensordict.nn import TensorDictModule
 
 from rlserve import AsyncBatchedCollector, ServerDeadError, WeightSyncScheme
-from rlserve._env_actor import EnvError
+from rlserve import EnvError
 
 
 class CartPolePolicy(nn.Module):
@@ -62,7 +62,7 @@ def bias_policy():
 
 def _assert_stopped(c):
     assert not c.server.is_alive
-    assert not any(t.is_alive() for t in c._threads)
+    assert not any(t.is_alive() for t in c._threads)  # white-box on purpose: the actor threads themselves stopped
 
 
 def test_cartpole_batches_have_torchrl_layout():
@@ -251,7 +251,7 @@ def test_backpressure_bounds_buffer():
                                max_buffered_frames=32) as c:
         next(iter(c))
         time.sleep(0.5)  # nobody reads: the actors must pause
-        buffered = len(c._sink.buf)
+        buffered = len(c._sink.buf)  # white-box on purpose: the bound on buffered transitions
     assert 16 <= buffered <= 32 + 4
 
 

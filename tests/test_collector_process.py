@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from rlserve import AsyncBatchedCollector
-from rlserve._env_actor import EnvError
+from rlserve import EnvError
 from rlserve.demo.ppo import make_policy
 
 
@@ -47,7 +47,7 @@ def test_process_actors_cartpole_layout():
                 break
         td = torch.cat(batches)
         parent = os.getpid()
-        pids = [p.pid for p in c._threads[0].procs]
+        pids = [p.pid for p in c._threads[0].procs]  # white-box on purpose: the actor processes
     n = td.shape[0]
     assert all(b.shape == (64,) for b in batches) and c.frames == n
     assert parent not in pids and len(set(pids)) == 2

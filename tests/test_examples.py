@@ -28,9 +28,9 @@ def test_threaded_actors_example_batches():
 
 
 def test_readme_usage_snippet_runs(tmp_path):
-    """The first code block of the README's "Use" section runs as printed."""
+    """The first code block of the README's "Quickstart" section runs as printed."""
     readme = (EXAMPLES.parent / "README.md").read_text()
-    block = readme.split("## Use", 1)[1].split("```python", 1)[1].split("```", 1)[0]
+    block = readme.split("## Quickstart", 1)[1].split("```python", 1)[1].split("```", 1)[0]
     script = tmp_path / "readme_use.py"
     script.write_text(block)
     env = dict(os.environ, OMP_NUM_THREADS="1")

@@ -36,7 +36,13 @@ class Probe:
         return out
 
 
+def serving_thread(server):
+    """The ident of the server's serving thread (found by its name)."""
+    return next(t.ident for t in threading.enumerate() if t.name == server.name)
+
+
 def _wait_asleep(transport, limit=2.0):
+    # white-box on purpose: caller runs happen only while the server says it sleeps
     end = time.monotonic() + limit
     while not transport._sleeping and time.monotonic() < end:
         time.sleep(0.001)
@@ -60,7 +66,7 @@ def test_idle_server_lets_the_caller_thread_run_its_batch():
     transport = ThreadingTransport()
     with InferenceServer(probe, transport) as server:
         _calls(transport, 20)
-        server_thread = server._thread.ident
+        server_thread = serving_thread(server)
     me = threading.get_ident()
     on_caller = sum(r[0] == me for r in probe.runs)
     assert on_caller >= 18, probe.runs  # a rare idle-loop wake-up may take one
@@ -74,7 +80,7 @@ def test_run_in_caller_false_keeps_the_model_on_the_server_thread():
     transport = ThreadingTransport()
     with InferenceServer(probe, transport, run_in_caller=False) as server:
         _calls(transport, 10)
-        server_thread = server._thread.ident
+        server_thread = serving_thread(server)
     assert [r[0] for r in probe.runs] == [server_thread] * 10
 
 
@@ -99,7 +105,7 @@ def test_calls_that_must_not_run_in_the_caller(how):
             else:
                 out = client(td)
             assert torch.equal(out["action"], 2 * td["observation"])
-        server_thread = server._thread.ident
+        server_thread = serving_thread(server)
     assert [r[0] for r in probe.runs] == [server_thread] * 5
 
 
@@ -149,7 +155,7 @@ def test_batches_never_overlap_and_every_answer_is_right():
         ts = [threading.Thread(target=actor, args=(i,)) for i in range(6)]
         [t.start() for t in ts]
         [t.join(60) for t in ts]
-        server_thread = server._thread.ident
+        server_thread = serving_thread(server)
     assert not bad
     assert probe.max_active == 1
     runners = {r[0] for r in probe.runs}
@@ -290,7 +296,7 @@ def test_a_caller_in_a_torch_function_mode_goes_to_the_server_thread():
                 out = client(td)
             assert out["action"].device.type == "cpu"
             assert torch.equal(out["action"], 2 * x)
-        server_thread = server._thread.ident
+        server_thread = serving_thread(server)
     assert model.threads == [server_thread] * 3
 
 

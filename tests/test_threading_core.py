@@ -164,7 +164,7 @@ def test_server_lets_answered_threads_resubmit_before_the_next_forward(policy, m
     def feed(k):
         for _ in range(k):
             time.sleep(0.02)
-            transport._put(TensorDict(observation=torch.randn(8)), concurrent.futures.Future(), None)
+            transport.submit(TensorDict(observation=torch.randn(8)))
 
     def step(k_back):
         t = threading.Thread(target=feed, args=(k_back,))
@@ -192,7 +192,7 @@ def test_server_does_not_wait_for_requests_max_pending_cannot_admit(policy, monk
     monkeypatch.setattr(T, "_RETURN_PER_CALLER_S", 0.5)
     transport = ThreadingTransport(max_pending=2)  # no server: the transport's step is called directly
     for _ in range(2):  # queued while the last batch ran (answering it freed their room)
-        transport._put(TensorDict(observation=torch.randn(8)), concurrent.futures.Future(), None)
+        transport.submit(TensorDict(observation=torch.randn(8)))
     t0 = time.monotonic()
     transport.on_batch_done(2)
     waited = time.monotonic() - t0

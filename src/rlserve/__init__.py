@@ -8,7 +8,7 @@ from importlib import import_module
 
 from .client_module import PolicyClientModule
 from .config import InferenceDeviceConfig, InferenceServerConfig
-from .errors import QueueFullError, RequestError, RLServeError, ServerClosedError, ServerDeadError
+from .errors import AnswerTimeout, QueueFullError, RequestError, RLServeError, ServerClosedError, ServerDeadError
 from .server import InferenceServer
 from .stats import format_stats
 from .transport import InferenceClient, InferenceTransport, ServerHandle, TransportCapabilities
@@ -33,6 +33,7 @@ _LAZY = {
     "NoWeightSyncScheme": ".weight_sync.base",
     "RayWeightSyncScheme": ".weight_sync.ray",
     "AsyncBatchedCollector": ".collector",
+    "EnvError": "._env_actor",
 }
 
 __all__ = [
@@ -51,6 +52,7 @@ __all__ = [
     "ServerDeadError",
     "QueueFullError",
     "RequestError",
+    "AnswerTimeout",
     "format_stats",
     *_LAZY,
 ]

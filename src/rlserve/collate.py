@@ -7,6 +7,8 @@ groups (and forward passes) so one odd request never breaks its neighbours.
 """
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from ._td import TensorDictBase, flat_leaves, new_td
@@ -22,7 +24,7 @@ _FAST = "fast"
 _GENERAL = "general"
 
 
-def signature(td) -> tuple:
+def signature(td: Any) -> tuple:
     """Hashable signature of one request: ``(kind, batch size, device, leaves, interaction code)``;
     raises RequestError if it has none."""
     d = flat_leaves(td)
@@ -83,7 +85,7 @@ def stack_group(sig: tuple, tds: list) -> TensorDictBase:
     return torch.stack(tds)  # copies: the batch never aliases a request
 
 
-def batched_output(out, n: int) -> TensorDictBase:
+def batched_output(out: Any, n: int) -> TensorDictBase:
     """The model's output, checked to be a TensorDict with leading batch dimension ``n``.
 
     A TensorDict with no batch size whose leaves all lead with ``n`` (e.g.
@@ -112,7 +114,7 @@ def split_rows(out: TensorDictBase) -> list:
     return split_leaves(d, out.batch_size, out.device)
 
 
-def split_leaves(d: dict, batch_size: torch.Size, device) -> list:
+def split_leaves(d: dict, batch_size: torch.Size, device: torch.device | None) -> list:
     """Row TensorDicts from ``{key: batched tensor}`` (leading dim = number of rows)."""
     keys = list(d)
     cols = [v.unbind(0) for v in d.values()]
@@ -120,7 +122,7 @@ def split_leaves(d: dict, batch_size: torch.Size, device) -> list:
     return [new_td(dict(zip(keys, row)), row_bs, device) for row in zip(*cols)]
 
 
-def signature_device(sig: tuple):
+def signature_device(sig: tuple) -> torch.device | None:
     """The device requests of this signature live on (their own, or their first leaf's)."""
     if sig[2] is not None:
         return sig[2]

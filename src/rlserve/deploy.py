@@ -38,11 +38,23 @@ def torchrl_context(kind: str) -> str | None:
         return None
 
 
+def with_context(message: str, service: bool = False, transport: bool = False) -> str:
+    """torchrl's note on an error caused by an enclosing backend block."""
+    names = [n for n, on in (("torchrl.service_backend", service), ("torchrl.transport_backend", transport)) if on]
+    return message if not names else f"{message} (selected by an enclosing {' and '.join(names)} context.)"
+
+
+def service_from_context(service_backend: str | None, server_config: Any = None) -> bool:
+    """Whether the service backend comes from an enclosing ``torchrl.service_backend(...)`` block."""
+    return service_backend is None and server_config is None and torchrl_context("service") is not None
+
+
 def resolve_service_backend(service_backend: str | None, server_config: Any = None) -> str:
     """``"thread"``, ``"process"`` or ``"ray"`` from the argument, the config, or an enclosing
     ``torchrl.service_backend(...)`` block (torchrl's rules)."""
     configured = server_config.service_backend if server_config is not None else "thread"
-    if service_backend is None and server_config is None:
+    from_context = service_from_context(service_backend, server_config)
+    if from_context:
         service_backend = torchrl_context("service")
     if service_backend is None:
         return configured
@@ -52,7 +64,8 @@ def resolve_service_backend(service_backend: str | None, server_config: Any = No
     if server_config is not None and configured not in ("thread", backend):
         raise ValueError("service_backend conflicts with server_config.service_backend.")
     if backend not in SERVICE_BACKENDS:
-        raise ValueError("InferenceServer service_backend must be 'thread', 'process', or 'ray'.")
+        raise ValueError(with_context("InferenceServer service_backend must be 'thread', 'process', or 'ray'.",
+                                      service=from_context))
     return backend
 
 
@@ -85,11 +98,23 @@ def make_transport(
     request_spec: Any = None,
     response_spec: Any = None,
     num_clients: int | None = None,
+    service_in_context: bool = False,
 ) -> InferenceTransport:
-    """The transport for a selector string (``"auto"``, ``"thread"``, ``"process"``, ...) or an instance."""
+    """The transport for a selector string (``"auto"``, ``"thread"``, ``"process"``, ...) or an instance.
+
+    ``service_in_context``: the service backend came from a ``torchrl.service_backend`` block
+    (errors say so, as torchrl's do)."""
+    transport_in_context = False
     if transport is None:  # not given: an enclosing torchrl.transport_backend(...) block, else "auto"
-        transport = torchrl_context("transport") or "auto"
-    check_transport_selection(transport, service_backend, transport_options, request_spec, response_spec)
+        transport = torchrl_context("transport")
+        transport_in_context = transport is not None
+        transport = transport or "auto"
+    try:
+        check_transport_selection(transport, service_backend, transport_options, request_spec, response_spec)
+    except ValueError as e:
+        if not (service_in_context or transport_in_context):
+            raise
+        raise ValueError(with_context(str(e), service_in_context, transport_in_context)) from None
     if not isinstance(transport, str):
         return as_transport(transport)
     opts = dict(transport_options or {})
@@ -137,8 +162,8 @@ def transport_kind(transport: Any) -> str:
     from .transports.threading import ThreadingTransport
 
     names = [  # most derived first
-        (".transports.slots", "SharedMemoryTransport", "shared_memory"),
         (".transports.slots", "ProcessSlotTransport", "process_slot"),
+        (".transports.slots", "SharedMemoryTransport", "shared_memory"),
         (".transports.slots", "SlotTransport", "direct"),
         (".transports.ray", "RayTransport", "ray"),
         (".transports.monarch", "MonarchTransport", "monarch"),

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import pickle
+import queue
 
 
 class RLServeError(RuntimeError):
@@ -18,6 +19,11 @@ class ServerDeadError(ServerClosedError):
 
 class QueueFullError(RLServeError):
     """The transport's bound on pending requests was reached."""
+
+
+class AnswerTimeout(TimeoutError, queue.Empty):
+    """A call's ``timeout`` passed before its answer came. A ``TimeoutError``, and a
+    ``queue.Empty`` as torchrl's mailbox and slot clients raise, so either ``except`` catches it."""
 
 
 class RequestError(RLServeError, ValueError):

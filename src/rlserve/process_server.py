@@ -277,10 +277,11 @@ class ProcessInferenceServer(ProcessServer):
                               response_spec: Any = None, num_clients: int | None = None,
                               **kwargs: Any) -> ProcessInferenceServer:
         """``InferenceServer(..., service_backend="process")``: torchrl's checks, then a ProcessInferenceServer."""
-        from .deploy import make_transport
+        from .deploy import make_transport, service_from_context
 
         tr = make_transport(transport, "process", transport_options=transport_options, request_spec=request_spec,
-                            response_spec=response_spec, num_clients=num_clients)
+                            response_spec=response_spec, num_clients=num_clients,
+                            service_in_context=service_from_context(service_backend, kwargs.get("server_config")))
         if model is not None:
             raise ValueError("service_backend='process' requires policy_factory so the policy is constructed in "
                              "the child process.")

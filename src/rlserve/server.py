@@ -23,7 +23,7 @@ from ._server_api import ServerAPI
 from ._td import TensorDictBase
 from .batching import BatchPolicy
 from .config import InferenceDeviceConfig, InferenceServerConfig, resolve_batching, resolve_devices
-from .deploy import make_transport, resolve_service_backend
+from .deploy import make_transport, resolve_service_backend, service_from_context
 from .errors import ServerClosedError, ServerDeadError
 from .runner import BatchRunner
 from .stats import NoStats, ServerStats
@@ -136,7 +136,9 @@ class InferenceServer(ServerAPI):
         name: the serving thread's name.
     """
 
-    def __new__(cls, model: Any = None, transport: Any = None, **kwargs: Any) -> Any:
+    def __new__(cls, model: Any = None, transport: Any = None, *args: Any, **kwargs: Any) -> Any:
+        if args:
+            raise TypeError("InferenceServer accepts at most model and transport positionally.")
         if cls is InferenceServer:  # torchrl's dispatch: the owner depends on the service backend
             backend = resolve_service_backend(kwargs.get("service_backend"), kwargs.get("server_config"))
             if backend == "process":
@@ -200,7 +202,8 @@ class InferenceServer(ServerAPI):
         devices = resolve_devices(device_config, device=device, policy_device=policy_device,
                                   output_device=output_device)
         transport = make_transport(transport, "thread", transport_options=transport_options,
-                                   request_spec=request_spec, response_spec=response_spec, num_clients=num_clients)
+                                   request_spec=request_spec, response_spec=response_spec, num_clients=num_clients,
+                                   service_in_context=service_from_context(service_backend, server_config))
         if model is None:
             model = policy_factory()
         if not callable(model):
@@ -250,6 +253,16 @@ class InferenceServer(ServerAPI):
         """Most requests per forward pass."""
         return self.batching.max_batch_size
 
+    @property
+    def min_batch_size(self) -> int:
+        """Requests that start a batch at once."""
+        return self.batching.min_batch_size
+
+    @property
+    def timeout(self) -> float:
+        """Seconds the oldest pending request waits for batch-mates."""
+        return self.batching.timeout
+
     # -- lifecycle -------------------------------------------------------------
     def start(self) -> InferenceServer:
         """Start the serving thread (again, after a shutdown). Returns ``self``.
@@ -262,7 +275,12 @@ class InferenceServer(ServerAPI):
                 raise RuntimeError("Server is already running.")
             raise RuntimeError("the previous serving thread is still finishing a batch; start again once "
                                "it has (shutdown(timeout=...) with a longer timeout waits for it)")
-        self.transport.bind(self._handle)  # refuses a transport another live server serves: before any side effect
+        self._serving = True  # first: from its bind on, the transport's clients must find the server accepting
+        try:
+            self.transport.bind(self._handle)  # refuses a transport another live server serves
+        except BaseException:
+            self._serving = False
+            raise
         if self.static_batch_size is not None and self._runner.graph is None and self._wants_cudagraph():
             self.prepare_cudagraph(self.request_spec)
         if self._receiver is not None:
@@ -270,7 +288,6 @@ class InferenceServer(ServerAPI):
         self._started = True
         self._stop = False
         self._died = None
-        self._serving = True
         self.transport.open()
         _LIVE.add(self)
         self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)

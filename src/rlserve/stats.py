@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from typing import Sequence
 
 __all__ = ["ServerStats", "NoStats", "format_stats"]
 
@@ -54,7 +55,7 @@ class ServerStats:
         self.recent = deque(maxlen=4096)  # (time, n) per batch, for requests/s
         self.started = time.perf_counter()
 
-    def record_batch(self, n: int, t_forward: float, t_done: float, submit_times) -> None:
+    def record_batch(self, n: int, t_forward: float, t_done: float, submit_times: Sequence[float]) -> None:
         self.requests += n
         self.batches += 1
         self.hist[n if n < len(self.hist) else -1] += 1
@@ -63,7 +64,7 @@ class ServerStats:
         self.recent.append((t_done, n))
         self.latency.extend([t_done - t for t in submit_times])
 
-    def record_waits(self, t_drain: float, submit_times) -> None:
+    def record_waits(self, t_drain: float, submit_times: Sequence[float]) -> None:
         self.queue_wait.extend([t_drain - t for t in submit_times])
 
     def snapshot(self, policy_version: int) -> dict:

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar, Protocol, Sequence
 from tensordict.nn import TensorDictModuleBase
 
 from ._td import TensorDictBase
-from .errors import ServerClosedError
+from .errors import AnswerTimeout, ServerClosedError
 from .interaction import with_caller_mode
 
 if TYPE_CHECKING:
@@ -393,7 +393,7 @@ def wait_live(
             if step <= 0:
                 if acquire(0):
                     return
-                raise on_timeout() if on_timeout is not None else TimeoutError(
+                raise on_timeout() if on_timeout is not None else AnswerTimeout(
                     "no answer from the inference server in time")
         if acquire(step):
             return
@@ -428,7 +428,7 @@ def wait_future(fut: Future, timeout: float | None, peer: _Liveness) -> Any:
 
     def timed_out() -> BaseException:
         fut.cancel()
-        return TimeoutError(f"no answer from the inference server within {timeout} s")
+        return AnswerTimeout(f"no answer from the inference server within {timeout} s")
 
     wait_live(_future_waiter(fut), peer, deadline, on_timeout=timed_out)
     return fut.result(timeout=0)

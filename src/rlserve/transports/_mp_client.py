@@ -33,7 +33,7 @@ from typing import Callable
 from .. import _context
 from .._td import TensorDictBase
 from ..interaction import with_caller_mode
-from ..errors import QueueFullError, RequestError, ServerClosedError, ServerDeadError
+from ..errors import AnswerTimeout, QueueFullError, RequestError, ServerClosedError, ServerDeadError
 from ..transport import LIVENESS_PERIOD_S, InferenceClient, check_timeout
 from . import _wire as W
 from ._shm import Bank, unlink_segment
@@ -53,6 +53,14 @@ def _after_fork_in_child() -> None:
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+class _ServerRestarted(Exception):
+    """Internal: the server restarted since this client registered; the request did not run."""
+
+
+def _restarted_error() -> ServerClosedError:
+    return ServerClosedError("the inference server restarted before running this request; submit it again")
 
 
 def _set_timeouts(sock, seconds: float) -> None:
@@ -124,7 +132,7 @@ class MPClient(InferenceClient):
         if self._pid == os.getpid() and self._closed_seen is None:
             return
         if not self._conn_lock.acquire(timeout=-1 if deadline is None else max(0.0, deadline - time.monotonic())):
-            raise TimeoutError("no answer from the inference server in time (still registering)")
+            raise AnswerTimeout("no answer from the inference server in time (still registering)")
         try:
             if self._pid == os.getpid():
                 if self._closed_seen is None:
@@ -151,7 +159,7 @@ class MPClient(InferenceClient):
             if self._closed_here():
                 raise ServerClosedError("the inference server is shut down")
             if deadline is not None and time.monotonic() >= deadline:
-                raise TimeoutError("no InferenceServer served this MPTransport before the call's timeout "
+                raise AnswerTimeout("no InferenceServer served this MPTransport before the call's timeout "
                                    "(not started yet, or shut down)")
             time.sleep(_SERVER_POLL_S)
 
@@ -170,7 +178,7 @@ class MPClient(InferenceClient):
             self._contacted = True
             while not self._registered:  # nobody else reads a socket not yet committed
                 if not self._pump_one(deadline) and time.monotonic() >= deadline:
-                    raise TimeoutError("no answer from the inference server in time (registering)")
+                    raise AnswerTimeout("no answer from the inference server in time (registering)")
         except BaseException:
             self._sock = None
             self._registered = False
@@ -335,6 +343,8 @@ class MPClient(InferenceClient):
                 if deadline is not None and time.monotonic() >= deadline:
                     return False
                 if self._closed_seen is not None:
+                    if self._closed_seen == "closed" and self._server_reachable():
+                        raise _ServerRestarted()  # shut down, then started again: register anew
                     raise self._gone()
                 if self._reading:
                     left = LIVENESS_PERIOD_S if deadline is None else min(LIVENESS_PERIOD_S, deadline - time.monotonic())
@@ -397,6 +407,9 @@ class MPClient(InferenceClient):
             self._registered = True
         elif kind == W.REFUSED:
             raise W.decode(self._view[W.HLEN:n])
+        elif kind == W.STALE:  # the server restarted since we registered: this request was not run
+            if slot in self._busy:
+                self._deliver(slot, None, _ServerRestarted())
         elif kind == W.CLOSED:
             self._closed_seen = "dead" if slot else "closed"
             if not self._registered:
@@ -424,6 +437,8 @@ class MPClient(InferenceClient):
             self._abandoned.discard(slot)
             self._release(slot)
         if fut is not None:
+            if isinstance(exc, _ServerRestarted):
+                exc = _restarted_error()
             try:
                 if exc is None:
                     fut.set_result(res)
@@ -509,11 +524,37 @@ class MPClient(InferenceClient):
         deadline = check_timeout(timeout)
         if self._transport is not None and _context.state.transport is self._transport:
             raise _context.reentry_error()
+        try:
+            return self._call(td, deadline, timeout)
+        except _ServerRestarted:  # the request never ran: register with the new server, send it again
+            self._forget_registration()
+        try:
+            return self._call(td, deadline, timeout)
+        except _ServerRestarted:
+            raise ServerClosedError("the inference server restarted twice during this call") from None
+
+    def _forget_registration(self) -> None:
+        """Drop a registration the server no longer knows; the next call registers again. Futures
+        still waiting on it were sent to the old server: they fail (submit them again)."""
+        with self._conn_lock:
+            sock, self._sock, self._pid = self._sock, None, None
+            self._registered = False
+            if sock is not None:
+                sock.close()
+        with self._cv:
+            futs, self._futures = self._futures, {}
+        for fut in futs.values():
+            try:
+                fut.set_exception(_restarted_error())
+            except InvalidStateError:
+                pass
+
+    def _call(self, td: TensorDictBase, deadline: float | None, timeout: float | None) -> TensorDictBase:
         slot = self._start(td, deadline)
         done = self._done
         try:
             if not self._await(lambda: slot in done, deadline):
-                raise TimeoutError(f"no answer from the inference server within {timeout} s")
+                raise AnswerTimeout(f"no answer from the inference server within {timeout} s")
         except BaseException:
             with self._cv:
                 if slot in done:
@@ -583,7 +624,10 @@ class MPClient(InferenceClient):
                 with self._cv:
                     if self._reader is None:
                         return
-        except BaseException as e:  # server gone: fail every pending future
+        except BaseException as e:  # server gone (or restarted): fail every pending future
+            if isinstance(e, _ServerRestarted):
+                e = _restarted_error()
+                self._forget_registration()
             with self._cv:
                 futs, self._futures = self._futures, {}
                 self._reader = None

@@ -190,7 +190,10 @@ class ServerSide:
             if kind == W.REQ_FAST:
                 c = clients.get(slot // per)
                 if c is None or c.addr != addr or c.dead or self.req_bank is None:
-                    continue  # from a client already dropped (its place may be another's now)
+                    # Not a registration of this server (it restarted, or dropped the client): tell the
+                    # sender, never the slot's current owner, so it registers again.
+                    self._sendto(addr, W.pack(W.STALE, slot, 0.0))
+                    continue
                 c.inflight += 1
                 self.counts["fast_requests"] += 1
                 td = self.in_tds[slot]
@@ -211,6 +214,7 @@ class ServerSide:
         c = self.clients.get(slot // self.per)
         if c is None or c.addr != addr or c.dead:
             W.drop_payload(payload)
+            self._sendto(addr, W.pack(W.STALE, slot, 0.0))
             return
         c.inflight += 1
         self.counts["pickled_requests"] += 1

@@ -41,6 +41,7 @@ REGISTERED = 14   # payload: (client id, first slot, slots, request bank, respon
 LAYOUT = 15       # payload: ("req" | "resp", bank description)
 CLOSED = 16       # the server shut down
 REFUSED = 17      # payload: exception (registration refused)
+STALE = 18        # a request from a registration this server does not know (it restarted): register again
 
 
 def server_address(token: str) -> bytes:

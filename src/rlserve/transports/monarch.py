@@ -24,8 +24,11 @@ import logging
 import os
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
 
-from ..errors import RequestError, ServerDeadError
+from .._td import TensorDictBase
+
+from ..errors import AnswerTimeout, RequestError, ServerDeadError
 from ..interaction import with_caller_mode
 from ..transport import InferenceClient
 from ._remote import HostedServerMixin, RemoteQueue, encode_td, reply_error, unwrap_reply
@@ -91,12 +94,12 @@ class MonarchClient(InferenceClient):
         try:
             reply = self._ref.infer.call_one(payload).get(timeout=timeout)
         except TimeoutError:
-            raise TimeoutError(f"no answer from the inference server within {timeout} s") from None
+            raise AnswerTimeout(f"no answer from the inference server within {timeout} s") from None
         except BaseException as e:
             raise _translate(e) from None
         return unwrap_reply(reply)
 
-    def submit(self, td) -> Future:
+    def submit(self, td: TensorDictBase) -> Future:
         """Send now; the returned Future is completed by a small waiter pool in this process."""
         mfut = self._ref.infer.call_one(encode_td(with_caller_mode(td)))
         cls = type(self)
@@ -129,7 +132,7 @@ class PortQueueTransport(RemoteQueue):
     # while forwards take this long on average (the hand-over it saves costs about as much).
     inline_max_forward_s = 0.0002
 
-    def accept(self, port, payload) -> None:
+    def accept(self, port: Any, payload: Any) -> None:
         """Endpoint body: enqueue, or answer at once with the error (never raise: that fails the actor).
 
         An idle server whose forwards are short runs the batch right here, on
@@ -278,7 +281,7 @@ class MonarchTransport(HostedServerMixin, PortQueueTransport):
             self._ref = _single(ma.this_proc().spawn(f"rlserve_gateway_{self._key}", gateway_cls, self._key))
 
     @property
-    def actor(self):
+    def actor(self) -> Any:
         """The single-actor mesh clients call."""
         return self._ref
 
@@ -290,7 +293,7 @@ class MonarchTransport(HostedServerMixin, PortQueueTransport):
         self._need_hosted("stats")
         return self._ref.stats.call_one().get(timeout=timeout)
 
-    def update_weights(self, weights, version: int | None = None, timeout: float = 60.0) -> int:
+    def update_weights(self, weights: Any, version: int | None = None, timeout: float = 60.0) -> int:
         """Hand weights to the Monarch-hosted server; returns the version answers will carry.
 
         Checked in the server process (ValueError for missing keys or wrong

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import uuid
 
+from concurrent.futures import Future
 from typing import Any, Sequence
 
 from .._td import TensorDictBase
@@ -139,7 +140,7 @@ class MPTransport(InferenceTransport):
             raise ServerClosedError("this MPTransport is not being served in this process")
         return side
 
-    def submit(self, td):
+    def submit(self, td: TensorDictBase) -> Future:
         """Submit from the server's own process (goes through a client, like any actor)."""
         c = self._local_client
         if c is None:
@@ -155,13 +156,13 @@ class MPTransport(InferenceTransport):
             return
         side.wait(timeout)
 
-    def drain_timed(self, max_items: int):
+    def drain_timed(self, max_items: int) -> tuple[list, list, list[float]]:
         side = self._side
         if side is None:
             return [], [], []
         return side.drain(max_items)
 
-    def drain(self, max_items: int):
+    def drain(self, max_items: int) -> tuple[list, list]:
         ins, cbs, _ = self.drain_timed(max_items)
         return ins, cbs
 
@@ -171,7 +172,7 @@ class MPTransport(InferenceTransport):
     def resolve(self, callback: Any, result: TensorDictBase) -> None:
         self._require_side().resolve_pickled(callback, result)
 
-    def resolve_exception(self, callback, exc: BaseException) -> None:
+    def resolve_exception(self, callback: Any, exc: BaseException) -> None:
         self._require_side().resolve_exception(callback, exc)
 
     def wake(self) -> None:

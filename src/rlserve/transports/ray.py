@@ -24,8 +24,11 @@ import threading
 import time
 from collections import deque
 from concurrent.futures import Future
+from typing import Any, Sequence
 
-from ..errors import ServerClosedError, ServerDeadError
+from .._td import TensorDictBase
+
+from ..errors import AnswerTimeout, ServerClosedError, ServerDeadError
 from ..interaction import with_caller_mode
 from ..transport import InferenceClient, InferenceTransport, TransportCapabilities
 from ._ray_server import _EXITED_ON_PURPOSE, _HEARTBEAT_S, _GatewayImpl, _server_actor_class
@@ -65,7 +68,7 @@ class RayClient(InferenceClient):
     def __reduce__(self):
         return (RayClient, (self._handle, self._what))
 
-    def submit(self, td) -> Future:
+    def submit(self, td: TensorDictBase) -> Future:
         ref = self._handle.infer.remote(encode_td(with_caller_mode(td)))
         out: Future = Future()
         what = self._what
@@ -88,7 +91,7 @@ class RayClient(InferenceClient):
             reply = ray.get(ref, timeout=timeout)
         except ray.exceptions.GetTimeoutError:
             ray.cancel(ref)
-            raise TimeoutError(f"no answer from the inference server within {timeout} s") from None
+            raise AnswerTimeout(f"no answer from the inference server within {timeout} s") from None
         except BaseException as e:
             raise _translate(e, self._what) from None
         return unwrap_reply(reply)
@@ -180,7 +183,7 @@ class RayTransport(HostedServerMixin, InferenceTransport):
 
     # -- both modes ---------------------------------------------------------------------
     @property
-    def actor(self):
+    def actor(self) -> Any:
         """The Ray actor handle clients call (server actor, or gateway in driver mode)."""
         return self._handle
 
@@ -195,10 +198,10 @@ class RayTransport(HostedServerMixin, InferenceTransport):
         self._need_hosted("stats")
         return _ray().get(self._handle.stats.remote(), timeout=timeout)
 
-    def update_weights(self, weights, version: int | None = None, timeout: float = 60.0) -> None:
+    def update_weights(self, weights: Any, version: int | None = None, timeout: float = 60.0) -> int:
         """Hand weights to the actor-hosted server; applied between batches."""
         self._need_hosted("update_weights")
-        _ray().get(self._handle.update_weights.remote([weights], version), timeout=timeout)
+        return _ray().get(self._handle.update_weights.remote([weights], version), timeout=timeout)
 
     def shutdown(self, timeout: float = 10.0) -> None:
         """Stop the actor-hosted server (pending requests get ServerClosedError) and end its actor."""
@@ -269,7 +272,7 @@ class RayTransport(HostedServerMixin, InferenceTransport):
         if self._closed_flag:
             super().check_alive()
 
-    def submit(self, td) -> Future:
+    def submit(self, td: TensorDictBase) -> Future:
         return self.client().submit(td)
 
     def _max_take(self) -> int:
@@ -317,7 +320,7 @@ class RayTransport(HostedServerMixin, InferenceTransport):
         if not self._buf:
             self._fetch(timeout)
 
-    def drain_timed(self, max_items: int):
+    def drain_timed(self, max_items: int) -> tuple[list, list, list[float]]:
         if not self._buf and self._poll is not None:
             self._fetch(0)
         buf = self._buf
@@ -338,16 +341,16 @@ class RayTransport(HostedServerMixin, InferenceTransport):
             self._handle.answer.remote(bad_rids, bad)
         return tds, cbs, ts
 
-    def drain(self, max_items: int):
+    def drain(self, max_items: int) -> tuple[list, list]:
         tds, cbs, _ = self.drain_timed(max_items)
         return tds, cbs
 
-    def resolve_batch(self, callbacks, batch, policy_version: int) -> None:
+    def resolve_batch(self, callbacks: Sequence, batch: TensorDictBase, policy_version: int) -> None:
         self._handle.answer.remote(list(callbacks), encode_replies(batch, len(callbacks)))
 
-    def resolve(self, callback, result) -> None:
+    def resolve(self, callback: Any, result: TensorDictBase) -> None:
         self._handle.answer.remote([callback], [reply_of(result)])
 
-    def resolve_exception(self, callback, exc: BaseException) -> None:
+    def resolve_exception(self, callback: Any, exc: BaseException) -> None:
         if self._handle is not None:
             self._handle.answer.remote([callback], [reply_error(exc)])

@@ -122,23 +122,26 @@ class SharedMemoryTransport(MPTransport):
     Args:
         request_spec: one (unbatched) request; every request must match it.
         response_spec: one answer row; only its keys (and the version stamp) travel back.
-        num_slots: how many client processes may be registered at once.
+        num_slots: requests one client may have in flight (any number of clients).
         ctx: accepted for torchrl compatibility (clients work in processes started any way).
         copy_result: accepted for torchrl compatibility: answers are always copies.
     """
 
     _cls_name = "SharedMemoryTransport"
 
+    @staticmethod
+    def _check_num_slots(num_slots: Any) -> None:
+        if isinstance(num_slots, bool) or not isinstance(num_slots, int) or num_slots < 1:
+            raise ValueError(f"num_slots must be a positive integer, got {num_slots}.")
+
     def __init__(self, request_spec: TensorDictBase, response_spec: TensorDictBase, *, num_slots: int,
                  ctx: Any = None, copy_result: bool = True):
-        if isinstance(num_slots, bool) or not isinstance(num_slots, int):
-            raise TypeError("num_slots must be an integer.")
-        if num_slots < 1:
-            raise ValueError(f"num_slots must be a positive integer, got {num_slots}.")
+        self._check_num_slots(num_slots)
         _check_spec(request_spec, "request_spec", self._cls_name)
         _check_spec(response_spec, "response_spec", self._cls_name)
+        # num_slots bounds what one client has in flight; any number of client processes share the server
         super().__init__(ctx, request_example=request_spec, response_example=response_spec,
-                         max_clients=num_slots, max_inflight=1)
+                         max_clients=max(64, num_slots), max_inflight=num_slots)
         self.num_slots = num_slots
         self.copy_result = copy_result
         self.request_spec = request_spec
@@ -152,8 +155,23 @@ class ProcessSlotTransport(SharedMemoryTransport):
 
     def __init__(self, request_spec: TensorDictBase, response_spec: TensorDictBase, *, num_slots: int,
                  ctx: Any = None, copy_result: bool = True):
-        super().__init__(request_spec, response_spec, num_slots=num_slots, ctx=ctx, copy_result=copy_result)
+        self._check_num_slots(num_slots)
+        _check_spec(request_spec, "request_spec", self._cls_name)
+        _check_spec(response_spec, "response_spec", self._cls_name)
+        MPTransport.__init__(self, ctx, request_example=request_spec, response_example=response_spec,
+                             max_clients=num_slots, max_inflight=1)  # one fixed slot per client
+        self.num_slots = num_slots
+        self.copy_result = copy_result
+        self.request_spec = request_spec
+        self.response_spec = response_spec
         self._issued = 0
+
+    @staticmethod
+    def _check_num_slots(num_slots: Any) -> None:
+        if isinstance(num_slots, bool) or not isinstance(num_slots, int):
+            raise TypeError("num_slots must be an integer.")
+        if num_slots < 1:
+            raise ValueError(f"num_slots must be positive, got {num_slots}.")
 
     def __getstate__(self):
         d = super().__getstate__()

@@ -23,13 +23,13 @@ import threading
 import time
 from collections import deque
 from concurrent.futures import Future, InvalidStateError
-from typing import Sequence
+from typing import Any, Sequence
 from _thread import allocate_lock
 
 from .. import _context
 from .._td import TensorDictBase
 from ..interaction import interaction_type, with_caller_mode
-from ..errors import QueueFullError, RequestError, ServerClosedError
+from ..errors import AnswerTimeout, QueueFullError, RequestError, ServerClosedError
 from ..transport import (
     LIVENESS_PERIOD_S,
     InferenceClient,
@@ -194,7 +194,7 @@ class ThreadingTransport(InferenceTransport):
         tds, cbs, _ = self.drain_timed(max_items)
         return tds, cbs
 
-    def resolve(self, callback, result) -> None:
+    def resolve(self, callback: Any, result: TensorDictBase) -> None:
         """Answer one caller now (``resolve_rows`` answers a batch's blocked callers in turn)."""
         try:
             callback.set_result(result)
@@ -229,7 +229,7 @@ class ThreadingTransport(InferenceTransport):
         finally:
             turns.wake_answered()
 
-    def resolve_exception(self, callback, exc: BaseException) -> None:
+    def resolve_exception(self, callback: Any, exc: BaseException) -> None:
         try:
             callback.set_exception(exc)
         except InvalidStateError:
@@ -366,4 +366,4 @@ class ThreadingClient(InferenceClient):
             return True
 
         wait_live(lambda s: w.lock.acquire(timeout=s), tr, deadline, tick=rescue,
-                  on_timeout=lambda: TimeoutError(f"no answer from the inference server within {timeout} s"))
+                  on_timeout=lambda: AnswerTimeout(f"no answer from the inference server within {timeout} s"))

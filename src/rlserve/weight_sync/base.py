@@ -8,7 +8,7 @@ import torch
 from tensordict import TensorDictBase
 
 
-def weights_of(model) -> dict:
+def weights_of(model: Any) -> dict:
     """Flat ``{name: tensor}`` of a module's parameters and persistent buffers.
 
     The tensors are the live ones (no copy), so writing into them in place
@@ -23,7 +23,7 @@ def weights_of(model) -> dict:
     raise TypeError(f"expected an nn.Module or a TensorDict of weights, got {type(model).__name__}")
 
 
-def prepare_weights(model, weights) -> dict:
+def prepare_weights(model: Any, weights: Any) -> dict:
     """Check ``weights`` against ``model`` and return them as a flat ``{name: tensor}``.
 
     ``weights`` may be a state dict, a TensorDict of parameters, or a module;
@@ -61,7 +61,7 @@ def prepare_weights(model, weights) -> dict:
 
 
 @torch.no_grad()
-def copy_weights_(model, weights: dict, live: dict | None = None) -> None:
+def copy_weights_(model: Any, weights: dict, live: dict | None = None) -> None:
     """Copy ``weights`` into the live parameters and buffers in place (storage unchanged).
 
     Device to device where they differ; blocking, so the source may be reused
@@ -98,14 +98,14 @@ class WeightSyncScheme(abc.ABC):
     nothing new arrived. It must never block.
     """
 
-    def init_on_sender(self, model=None, **kwargs) -> None:
+    def init_on_sender(self, model: Any = None, **kwargs: Any) -> None:
         self._sender_model = model
 
     @abc.abstractmethod
-    def send(self, model=None, weights=None) -> int:
+    def send(self, model: Any = None, weights: Any = None) -> int:
         """Publish new weights; returns the version they will carry."""
 
-    def init_on_receiver(self, model=None, **kwargs) -> None:
+    def init_on_receiver(self, model: Any = None, **kwargs: Any) -> None:
         self._receiver_model = model
 
     @abc.abstractmethod
@@ -126,7 +126,7 @@ class WeightSyncScheme(abc.ABC):
 class NoWeightSyncScheme(WeightSyncScheme):
     """Weights never change: ``send`` is a no-op and the server keeps version 0."""
 
-    def send(self, model=None, weights=None, version=None) -> int:
+    def send(self, model: Any = None, weights: Any = None, version: int | None = None) -> int:
         return 0
 
     def receive(self) -> None:

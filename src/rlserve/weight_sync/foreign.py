@@ -38,6 +38,15 @@ def is_foreign_scheme(scheme: Any) -> bool:
         and callable(getattr(scheme, "init_on_receiver", None))
 
 
+def _receives_in_background(scheme: Any) -> bool:
+    """torchrl's shared-memory schemes (and their multiprocess subclass) apply weights from their own
+    thread and announce them through ``context.update_policy_weights_``; their ``receive()`` is not
+    for polling (torchrl's server never calls it: it returns the shared weights every time, or waits
+    on a queue). Recognised by torchrl's class, as torchrl itself does, without importing torchrl."""
+    return any(c.__name__ == "SharedMemWeightSyncScheme" and c.__module__.startswith("torchrl.")
+               for c in type(scheme).__mro__)
+
+
 def _call(fn: Any, **kwargs: Any) -> Any:
     """Call ``fn`` with the keyword arguments it accepts (``worker_idx`` is torchrl's, not every scheme's)."""
     try:
@@ -65,6 +74,7 @@ class ForeignScheme:
         self._fresh = 0  # sets the scheme announced through context.update_policy_weights_
         self._taken = 0
         self._lock = threading.Lock()
+        self._background = _receives_in_background(scheme)
         self.version = 0
 
     # the scheme calls this (as its "context") after writing weights into the staging copy
@@ -89,7 +99,7 @@ class ForeignScheme:
             _call(s.connect, worker_idx=0)
 
     def receive(self) -> int | None:
-        got = self.scheme.receive(timeout=0.0)
+        got = None if self._background else self.scheme.receive(timeout=0.0)
         with self._lock:
             fresh, self._taken = self._fresh > self._taken, self._fresh
         if got is None and not fresh:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+from typing import Any
 
 import torch
 
@@ -141,7 +142,7 @@ class RayWeightSyncScheme(WeightSyncScheme):
         self._reset_local()
 
     # -- trainer side -------------------------------------------------------------------
-    def send(self, model=None, weights=None, version: int | None = None, wait: bool = False,
+    def send(self, model: Any = None, weights: Any = None, version: int | None = None, wait: bool = False,
              timeout: float = 60.0) -> int:
         """Publish new weights; returns their version (``wait``: until a server has taken them)."""
         ray = _ray()
@@ -171,7 +172,7 @@ class RayWeightSyncScheme(WeightSyncScheme):
     # A landed poll hands the fetch to a short-lived thread (a blocking ray.get must not run
     # in Ray's future callback); that thread checks the weights against the model, tells the
     # mailbox taken/rejected, keeps them ready for receive() and re-issues the poll.
-    def init_on_receiver(self, model=None, **kwargs) -> None:
+    def init_on_receiver(self, model: Any = None, **kwargs: Any) -> None:
         self._receiver_model = model
         self._ready = None
         self._closed = False

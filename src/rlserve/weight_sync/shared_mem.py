@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import multiprocessing.context as mpc
 import threading
+from typing import Any
 
 from .base import WeightSyncScheme, copy_weights_, prepare_weights, weights_of
 from .staging import TripleBuffer
@@ -43,7 +44,7 @@ class SharedMemWeightSyncScheme(WeightSyncScheme):
         self._seen = 0
 
     # -- trainer side ------------------------------------------------------------
-    def init_on_sender(self, model=None, weights=None, **kwargs) -> None:
+    def init_on_sender(self, model: Any = None, weights: Any = None, **kwargs: Any) -> None:
         """Allocate the staging from ``model`` (or ``weights``); later ``send()`` uses ``model``.
 
         Extra keyword arguments of torchrl's schemes (``model_id``, ``devices``,
@@ -58,7 +59,7 @@ class SharedMemWeightSyncScheme(WeightSyncScheme):
             self._ensure_staging(src)
             prepare_weights(self._buf.template, src)  # a server may have allocated it first
 
-    def send(self, model=None, weights=None, version: int | None = None) -> int:
+    def send(self, model: Any = None, weights: Any = None, version: int | None = None) -> int:
         """Publish ``model``'s (or ``weights``') parameters and buffers; returns their version.
 
         Raises ValueError (and publishes nothing) when they do not match the
@@ -79,7 +80,7 @@ class SharedMemWeightSyncScheme(WeightSyncScheme):
         return 0 if self._buf is None else self._buf.version
 
     # -- server side -------------------------------------------------------------
-    def init_on_receiver(self, model=None, server=None, **kwargs) -> None:
+    def init_on_receiver(self, model: Any = None, **kwargs: Any) -> None:
         if model is None:
             raise ValueError("init_on_receiver needs the served model")
         self._receiver_model = model

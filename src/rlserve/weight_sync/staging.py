@@ -119,7 +119,7 @@ class TripleBuffer:
     def seq(self) -> int:
         return int(self._c[SEQ])
 
-    def take(self, last_seq: int):
+    def take(self, last_seq: int) -> tuple | None:
         """Claim the newest slot if something new was published since ``last_seq``.
 
         Returns ``(views, version, seq)`` or None. Never waits: if the writer
