@@ -25,7 +25,8 @@ test: test-main test-td014  ## the whole suite, then its core again on the oldes
 test-main: setup
 	OMP_NUM_THREADS=1 $(VENV)/bin/python -m pytest
 
-# Threads, processes and weight sync on tensordict 0.14.3 (no engines, no gym needed).
+# The core, the contract over every transport, the collector and the torchrl parity
+# scenarios (against the real torchrl 0.14.1, Ray included) on tensordict 0.14.3.
 TD014_TESTS = tests/test_threading_core.py tests/test_reliability.py tests/test_races.py \
 	tests/test_batching_policy.py tests/test_fastpath.py tests/test_weight_sync.py \
 	tests/test_weight_sync_mp.py tests/test_mp_transport.py tests/test_mp_reliability.py tests/test_wire_codec.py \
@@ -38,7 +39,7 @@ test-td014: .venv-td014/.installed
 .venv-td014/.installed: pyproject.toml constraints-td014.txt
 	$(PYTHON) -m venv .venv-td014
 	.venv-td014/bin/python -m pip install -q "$(TORCH)"
-	.venv-td014/bin/python -m pip install -q -c constraints-td014.txt -e ".[test]" torchrl==0.14.1
+	.venv-td014/bin/python -m pip install -q -c constraints-td014.txt -e ".[test,ray]" torchrl==0.14.1
 	@.venv-td014/bin/python -c "import tensordict; print('tensordict', tensordict.__version__)"
 	touch $@
 

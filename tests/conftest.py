@@ -36,8 +36,11 @@ def no_shm_leftovers():
 def ray_local():
     """A local Ray instance on loopback, shared by every test that needs one."""
     ray = pytest.importorskip("ray")
+    import helpers
     from helpers import start_local_ray
 
+    # Ray workers cannot import the tests' modules: the shared policies travel by value
+    ray.cloudpickle.register_pickle_by_value(helpers)
     if not ray.is_initialized():
         start_local_ray()
     yield ray

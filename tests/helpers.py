@@ -1,5 +1,6 @@
 """What the tests share: models, the shared-memory and loopback checks. Importable by spawned children."""
 import os
+import queue
 import socket
 import time
 
@@ -177,3 +178,35 @@ def assert_loopback_only(within_pid: int, expect_some: bool = True) -> None:
 def assert_ray_on_loopback_only(within_pid: int) -> None:
     """Every Ray process of the session this process started listens on 127.0.0.1 only."""
     assert_loopback_only(within_pid)
+
+
+class QueueScheme:
+    """A user scheme following torchrl's receiver protocol (spec section 4.1)."""
+
+    def __init__(self):
+        self.q = queue.Queue()
+        self.initialized_on_receiver = False
+        self.synchronized_on_receiver = False
+        self.model = None
+        self.model_id = None
+        self.calls = []
+
+    def init_on_receiver(self, *, model_id, model=None, worker_idx=0, **kwargs):
+        self.calls.append("init_on_receiver")
+        self.model_id, self.model = model_id, model
+        self.initialized_on_receiver = True
+
+    def connect(self, *, worker_idx=0, **kwargs):
+        self.calls.append("connect")
+        self.synchronized_on_receiver = True
+
+    def receive(self, timeout=None):
+        try:
+            weights = self.q.get_nowait()
+        except queue.Empty:
+            return None
+        weights.to_module(self.model)
+        return weights
+
+    def send(self, weights=None, worker_ids=None):  # torchrl's sender signature
+        self.q.put(weights)

@@ -1,12 +1,16 @@
 """AsyncBatchedCollector: real gymnasium envs, plain envs, errors, server death, weight updates."""
+import sys
+import threading
 import time
 
 import gymnasium as gym
 import pytest
 import torch
 import torch.nn as nn
+from tensordict import TensorDict
 from tensordict.nn import TensorDictModule
 
+from helpers import QueueScheme
 from rlserve import AsyncBatchedCollector, ServerDeadError, WeightSyncScheme
 from rlserve import EnvError
 
@@ -244,6 +248,53 @@ def test_weight_sync_scheme_lag_visible():
     assert td["policy_version"].max() >= 5  # the actors followed the trainer
     for e in range(4):  # each actor sees versions only move forward
         assert td["policy_version"][td["env_id"] == e].diff().ge(0).all()
+
+
+def test_update_policy_weights_through_a_torchrl_protocol_scheme():
+    """Found in review: the collector called ``send(model=...)``; torchrl's schemes take ``send(weights=)``."""
+    trainer = bias_policy()
+    with AsyncBatchedCollector(lambda: CounterEnv(1000), bias_policy(), 32, -1, num_envs=2,
+                               weight_sync=QueueScheme(), max_buffered_frames=32) as c:
+        it = iter(c)
+        assert (next(it)["action"] == 0).all()
+        for value, weights in ((3.0, "module"), (5.0, "tensordict")):
+            with torch.no_grad():
+                trainer.module.bias.fill_(value)
+            sent = trainer if weights == "module" else TensorDict.from_module(trainer).data.clone()
+            c.update_policy_weights_(sent)
+            deadline = time.monotonic() + 20
+            while not (next(it)["action"] == value).any():
+                assert time.monotonic() < deadline, f"the {weights}'s weights never reached the policy"
+
+
+@pytest.mark.timeout(120)
+def test_two_iterators_share_one_stream_without_losing_frames():
+    """Found in review: two consumers raced in taking transitions (IndexError, frames lost) and in
+    starting the collector (a spurious ServerDeadError)."""
+    total, errors, got = 4000, [], [0, 0]
+    c = AsyncBatchedCollector(lambda: CounterEnv(7), bias_policy(), 8, total, num_envs=4)
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as possible: the race shows within the run
+
+    def consume(k):
+        try:
+            for td in c:  # both iterate from the start: the first iteration starts the collector
+                got[k] += td.numel()
+        except Exception as e:  # noqa: BLE001
+            errors.append(repr(e))
+
+    try:
+        threads = [threading.Thread(target=consume, args=(k,), daemon=True) for k in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(100)
+        assert not any(t.is_alive() for t in threads), "an iterator hung"
+    finally:
+        sys.setswitchinterval(switch)
+        c.shutdown()
+    assert errors == []
+    assert sum(got) == total == c.frames  # every frame handed out once, none beyond total_frames
 
 
 def test_backpressure_bounds_buffer():

@@ -92,7 +92,8 @@ def test_lstm_policy_state_carries_over_and_resets(backend):
     c.shutdown()
     if backend == "threading":  # the whole step TensorDict reached the policy: primer state, is_init
         assert all({"is_init", "recurrent_state_h", "recurrent_state_c", "observation"} <= s for s in seen)
-    for e in (0, 1):
+    later_steps = 0
+    for e in (0, 1):  # (on a loaded machine one env may bring few frames: count over both)
         sub = b[b["env_index"] == e]
         h, hn = sub["recurrent_state_h"], sub["next", "recurrent_state_h"]
         is_init = sub["is_init"].squeeze(-1)
@@ -100,7 +101,9 @@ def test_lstm_policy_state_carries_over_and_resets(backend):
         carried = (hn[:-1] == h[1:]).flatten(1).all(-1)
         assert bool(carried[~done].all())  # the state the policy wrote is the next step's state
         assert bool((h[is_init] == 0).all())  # and starts afresh at each reset
-        assert bool(h[~is_init].abs().sum() > 0)
+        assert bool((h[~is_init].flatten(1).abs().sum(-1) > 0).all())  # a later step carries a state
+        later_steps += int((~is_init).sum())
+    assert later_steps >= 20, later_steps
 
 
 class MaskedEnv(EnvBase):

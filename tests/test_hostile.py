@@ -21,7 +21,7 @@ import torch.nn as nn
 from tensordict import LazyStackedTensorDict, NonTensorData, TensorDict, lazy_stack
 from tensordict.nn import TensorDictModule
 
-from helpers import assert_ray_on_loopback_only, seed_policy, slow_doubler, socket_inodes
+from helpers import assert_ray_on_loopback_only, seed_policy, slow_doubler
 from helpers import doubler as _doubler
 from rlserve import (
     InferenceServer,
@@ -524,3 +524,173 @@ def test_the_benchmarks_ray_listens_on_loopback_only():
     env = {k: v for k, v in os.environ.items() if k != "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"}
     out = subprocess.run([sys.executable, "-c", code, here], env=env, capture_output=True, text=True, timeout=110)
     assert "LOOPBACK-ONLY" in out.stdout, out.stdout[-2000:] + out.stderr[-2000:]
+
+
+# =============================================================================================
+# 10. Found in review: restarts under a shared MPClient, submit() from a full batch, ProcessServer
+#     commands after a timeout, weights a restart starts from, a stop by shutdown_event
+# =============================================================================================
+def _echo(td):
+    return td.set("echo", td["observation"] * 1.0)
+
+
+@pytest.mark.timeout(90)
+def test_shared_mp_client_through_server_restarts_never_crosses_answers():
+    """Six threads share one MPClient (blocking calls and futures) while the server restarts every few
+    tens of ms. Was: answers handed to the wrong thread, futures never resolved, raw AttributeError /
+    OSError / FileNotFoundError from the client's internals, clean restarts reported as crashes."""
+    import random
+
+    from rlserve import RLServeError, ServerClosedError
+
+    tr = MPTransport()
+    server = InferenceServer(_echo, tr, max_batch_size=8)
+    c = tr.client()
+    crossed, foreign, kinds, answered = [], [], {}, [0]
+    stop = _mono() + 4.0
+
+    def worker(k):
+        r = random.Random(k)
+        while _mono() < stop:
+            v = float(k * 1_000_000 + r.randrange(1_000_000))
+            req = TensorDict(observation=torch.tensor([v]))
+            try:
+                a = c(req, timeout=5) if k % 2 else c.submit(req).result(timeout=20)
+                answered[0] += 1
+                if a["echo"].item() != v:
+                    crossed.append((k, v, a["echo"].item()))
+            except RLServeError as e:
+                kinds[type(e).__name__] = kinds.get(type(e).__name__, 0) + 1
+                time.sleep(0.001)
+            except Exception as e:  # noqa: BLE001 - anything else leaked from the internals (or a hang)
+                foreign.append(repr(e)[:200])
+
+    server.start()
+    threads = [threading.Thread(target=worker, args=(k,), daemon=True) for k in range(6)]
+    for t in threads:
+        t.start()
+    rng, restarts = random.Random(0), 0
+    try:
+        while _mono() < stop:
+            time.sleep(rng.random() * 0.05)
+            server.shutdown(timeout=5)
+            time.sleep(rng.random() * 0.02)
+            server.start()
+            restarts += 1
+        for t in threads:
+            t.join(30)
+        hung = sum(t.is_alive() for t in threads)
+        after = c(TensorDict(observation=torch.tensor([42.0])), timeout=10)  # the client works afterwards
+    finally:
+        server.shutdown(timeout=5)
+    facts = f"restarts={restarts} answered={answered[0]} errors={kinds} foreign={foreign[:3]} crossed={crossed[:3]}"
+    assert hung == 0, facts
+    assert crossed == [] and foreign == [], facts
+    assert set(kinds) <= {ServerClosedError.__name__}, facts  # a clean restart is never reported as a crash
+    assert answered[0] > 100 and restarts > 20 and after["echo"].item() == 42.0, facts
+
+
+class _SubmitsWhileServing:
+    """The model submits one more request from inside its batch, as the reentry error advises."""
+
+    def __init__(self):
+        self.client = None
+        self.inner = []
+
+    def __call__(self, td):
+        if (td["observation"] > 100).any():
+            try:
+                self.inner.append(self.client.submit(obs(1.0)))
+            except Exception as e:  # noqa: BLE001
+                self.inner.append(e)
+        return td.set("action", td["observation"] * 2)
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("kind", ["threading", "mp"])
+def test_submit_from_inside_a_full_batch_fails_fast(kind):
+    """Was: with every place taken (max_pending=1 / max_inflight=1) submit() inside the batch waited for
+    a place only that batch frees: the serving thread hung for good."""
+    from rlserve import QueueFullError
+
+    tr = ThreadingTransport(max_pending=1) if kind == "threading" else MPTransport(max_inflight=1)
+    model = _SubmitsWhileServing()
+    server = InferenceServer(model, tr, max_batch_size=4).start()
+    try:
+        model.client = c = tr.client()
+        t = _mono()
+        outer = _try(lambda: c(obs(1000.0), timeout=5))
+        took = _mono() - t
+        assert took < 2.0, f"the batch waited {took:.1f} s"
+        assert len(model.inner) == 1 and isinstance(model.inner[0], QueueFullError), model.inner
+        assert "inside a batch" in str(model.inner[0])
+        assert isinstance(outer, TensorDict) and torch.equal(outer["action"], torch.full((8,), 2000.0))
+        assert torch.equal(c(obs(3.0), timeout=5)["action"], torch.full((8,), 6.0))  # still serving
+    finally:
+        server.shutdown(timeout=2)
+    assert not server.is_alive
+
+
+def _zero_weights():
+    return {k: torch.zeros_like(v) for k, v in seed_policy().state_dict().items()}
+
+
+@pytest.mark.timeout(120)
+def test_process_server_replies_stay_paired_after_a_command_times_out():
+    """Was: the late reply to a timed-out command answered the next one (stats() returned an int,
+    policy_version a dict) for the rest of the session; and weights applied after the timeout were
+    forgotten by a restart."""
+    ps = ProcessServer(seed_policy, start_timeout=60).start()
+    try:
+        with pytest.raises(TimeoutError):
+            ps.update_weights(_zero_weights(), timeout=0)  # no reply can come back in no time
+        st = ps.stats()
+        assert isinstance(st, dict) and "requests" in st, st
+        assert ps.policy_version == 1
+        h = ps.health()
+        assert "control_error" not in h and h["policy_version"] == 1, h
+        ps.shutdown()
+        ps.start()  # the late-applied weights are the ones a restarted process starts from
+        ans = ps.client()(obs(1.0), timeout=10)
+        assert torch.count_nonzero(ans["action"]) == 0 and ans["policy_version"].item() == 1
+    finally:
+        ps.shutdown()
+
+
+@pytest.mark.timeout(120)
+def test_process_server_restarts_from_the_weights_as_they_were_sent():
+    """Was: the server kept the caller's tensors, so a restart served whatever they had become since,
+    under the old version number."""
+    ps = ProcessServer(seed_policy, start_timeout=60).start()
+    try:
+        sent = _zero_weights()
+        assert ps.update_weights(sent) == 1
+        for v in sent.values():
+            v.fill_(1.0)  # the trainer goes on changing its tensors in place
+        ps.shutdown()
+        ps.start()
+        ans = ps.client()(obs(1.0), timeout=10)
+        assert torch.count_nonzero(ans["action"]) == 0 and ans["policy_version"].item() == 1
+    finally:
+        ps.shutdown()
+
+
+@pytest.mark.timeout(20)
+def test_a_stop_by_shutdown_event_reads_as_closed_not_dead():
+    from rlserve import ServerClosedError
+
+    ev = threading.Event()
+    server = InferenceServer(doubler(), shutdown_event=ev).start()
+    c = server.client()
+    try:
+        assert torch.equal(c(obs(1.0), timeout=5)["action"], torch.full((8,), 2.0))
+        ev.set()
+        deadline = _mono() + 5
+        while server.is_alive and _mono() < deadline:
+            time.sleep(0.01)
+        err = _try(lambda: c(obs(1.0), timeout=5))
+        assert type(err) is ServerClosedError, repr(err)
+        h = server.health()
+        assert h["is_alive"] is False and "died" not in h, h
+    finally:
+        server.shutdown(timeout=2)

@@ -6,7 +6,6 @@ import time
 
 import pytest
 import torch
-import torch.nn as nn
 from tensordict import NonTensorData, TensorDict
 from tensordict.nn import TensorDictModule
 
@@ -302,7 +301,7 @@ def test_answers_are_copies_not_views_of_shared_memory():
         assert torch.equal(first["action"], torch.full((8,), 2.0))
         assert torch.equal(second["action"], torch.full((8,), 4.0))
         assert torch.equal(third["action"], torch.full((8,), 6.0))
-        bank = c._resp_bank  # white-box: where the shared answer rows live
+        bank = c._reg.resp_bank  # white-box: where the shared answer rows live
         lo = min(t.data_ptr() for t in bank.tensors)
         hi = max(t.data_ptr() + t.numel() * t.element_size() for t in bank.tensors)
         for out in (first, second, third):

@@ -36,7 +36,7 @@ import torch
 import torch.nn as nn
 from tensordict import NonTensorData, TensorDict
 from tensordict.nn import InteractionType, TensorDictModule
-from helpers import seed_policy
+from helpers import QueueScheme, seed_policy
 
 T = 30.0  # timeout (s) of every blocking call that should answer at once
 T_PROC = 120.0  # ... and of the first answer of a server process that is still starting
@@ -1031,6 +1031,12 @@ def test_process_backend(lib):
         ans = client(td, timeout=T)
         assert torch.count_nonzero(ans["action"]) == 0 and version_of(ans) == 1
         assert server.policy_version == 1 and server.stats()["weight_updates"] == 1
+        # mark_weight_update=False: the weights apply, the version stays (found in review: rlserve bumped it)
+        server.update_model_weights(TensorDict.from_module(ref).data.clone(), mark_weight_update=False)
+        ans = client(td, timeout=T)
+        assert torch.allclose(ans["action"], expected(ref, td), atol=1e-6) and version_of(ans) == 1
+        server.update_model_weights(zero_policy_weights(ref), mark_weight_update=False)
+        assert server.policy_version == 1 and server.stats()["weight_updates"] == 1
         server.shutdown()
         assert not server.is_alive
         h = server.health()
@@ -1210,36 +1216,6 @@ def test_shm_transport_carries_interaction_type(rls):
 # =============================================================================================
 # 12. torchrl weight-sync schemes as weight_sync=
 # =============================================================================================
-class QueueScheme:
-    """A user scheme following torchrl's receiver protocol (spec section 4.1)."""
-
-    def __init__(self):
-        self.q = queue.Queue()
-        self.initialized_on_receiver = False
-        self.synchronized_on_receiver = False
-        self.model = None
-        self.model_id = None
-        self.calls = []
-
-    def init_on_receiver(self, *, model_id, model=None, worker_idx=0, **kwargs):
-        self.calls.append("init_on_receiver")
-        self.model_id, self.model = model_id, model
-        self.initialized_on_receiver = True
-
-    def connect(self, *, worker_idx=0, **kwargs):
-        self.calls.append("connect")
-        self.synchronized_on_receiver = True
-
-    def receive(self, timeout=None):
-        try:
-            weights = self.q.get_nowait()
-        except queue.Empty:
-            return None
-        weights.to_module(self.model)
-        return weights
-
-    def send(self, weights):
-        self.q.put(weights)
 
 
 @pytest.mark.timeout(60)

@@ -12,6 +12,7 @@ import inspect
 import threading
 import time
 from collections import deque
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -71,7 +72,7 @@ class Sink:
             self.room.notify_all()
 
 
-def to_tensor(x):
+def to_tensor(x: Any) -> Any:
     """A tensor that owns its memory (envs may reuse their observation buffers); a dict
     observation (gymnasium ``Dict`` spaces) becomes a TensorDict of them."""
     if isinstance(x, torch.Tensor):
@@ -83,7 +84,7 @@ def to_tensor(x):
     return torch.tensor(np.asarray(x))
 
 
-def to_env_action(a):
+def to_env_action(a: Any) -> Any:
     """What ``env.step`` expects: a Python scalar for 0-d actions, a dict for a TensorDict
     (gymnasium ``Dict`` action spaces), else a numpy array."""
     if isinstance(a, TensorDictBase):
@@ -107,7 +108,7 @@ class EnvActor:
         self.timeout = timeout
         self.env = None
 
-    def guard(self, phase: str, fn, *args):
+    def guard(self, phase: str, fn: Callable[..., Any], *args: Any) -> Any:
         """``fn(*args)``, its exception as an :class:`EnvError` naming this env and ``phase``."""
         try:
             return fn(*args)

@@ -6,7 +6,7 @@ import inspect
 import torch
 from tensordict import TensorDict, TensorDictBase
 
-__all__ = ["TensorDict", "TensorDictBase", "new_td", "flat_leaves", "set_leaf"]
+__all__ = ["TensorDict", "TensorDictBase", "entries", "new_td", "flat_leaves", "set_leaf"]
 
 _new_unsafe = getattr(TensorDict, "_new_unsafe", None)
 try:  # nested=False skips a per-entry dict check (tensordict >= 0.15)
@@ -26,6 +26,13 @@ def new_td(source: dict, batch_size: torch.Size, device=None) -> TensorDict:
     return TensorDict(source, batch_size=batch_size, device=device)
 
 
+def entries(td: TensorDict) -> dict:
+    """The key -> value storage of a plain ``TensorDict`` (no copy; read it, never write it): its
+    entries without the per-call cost of ``items()``. The one place rlserve reads tensordict's
+    private storage, so a tensordict release that changes it is fixed here."""
+    return td._tensordict
+
+
 def flat_leaves(td) -> dict | None:
     """The key -> tensor dict of a flat TensorDict of dense tensors, else None.
 
@@ -34,7 +41,7 @@ def flat_leaves(td) -> dict | None:
     """
     if type(td) is not TensorDict:
         return None
-    d = td._tensordict
+    d = entries(td)
     for v in d.values():
         if type(v) is not torch.Tensor:
             return None

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from ._td import TensorDictBase, flat_leaves, new_td
+from ._td import TensorDictBase, entries, flat_leaves, new_td
 from .errors import RequestError
 from .interaction import MARKER, request_code
 
@@ -72,10 +72,8 @@ def is_fast(sig: tuple) -> bool:
 
 def stack_leaves(tds: list) -> dict:
     """``{key: stacked tensor}`` of flat requests that share a fast signature."""
-    src = {}
-    for k in tds[0]._tensordict:
-        src[k] = torch.stack([td._tensordict[k] for td in tds])
-    return src
+    ds = [entries(td) for td in tds]
+    return {k: torch.stack([d[k] for d in ds]) for k in ds[0]}
 
 
 def stack_group(sig: tuple, tds: list) -> TensorDictBase:

@@ -14,6 +14,7 @@ well as rlserve's own.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import sys
 import threading
@@ -23,6 +24,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from ._collector_args import resolve
+from ._td import TensorDict
 from ._env_actor import EnvActor, EnvError, Sink, stack_transitions
 from .errors import ServerDeadError
 from .server import InferenceServer
@@ -161,6 +163,8 @@ class AsyncBatchedCollector:
         self._replay_thread: threading.Thread | None = None
         self._replay_error: BaseException | None = None
         self._iterator: Iterator[Any] | None = None  # next()'s
+        self._start_lock = threading.Lock()
+        self._consume_lock = threading.Lock()  # iterators on several threads share one stream
         self.frames = 0  # frames yielded so far
         self.batches = 0
         self._t0: float | None = None
@@ -178,12 +182,17 @@ class AsyncBatchedCollector:
     def _start_actors(self) -> None:
         if self._started:
             return
+        with self._start_lock:  # two first iterations: one starts, the other waits for it
+            if not self._started:
+                self._start_actors_now()
+                self._started = True
+
+    def _start_actors_now(self) -> None:
         if self._closed:  # iterating again after shutdown starts afresh (frames counted so far are kept)
             self._closed = False
             self._sink = Sink(self.frames_per_batch, self._cap)
             self._threads = []
             self._trajs = {}
-        self._started = True
         self.server.start()
         self._t0 = time.monotonic()
         client = self.transport.client()
@@ -203,11 +212,12 @@ class AsyncBatchedCollector:
 
     def shutdown(self, timeout: float | None = 5.0, close_env: bool = True, raise_on_error: bool = False) -> None:
         """Stop the actors, then the server. Safe to call twice; iterating again starts afresh."""
-        if self._closed or not self._started:
+        with self._start_lock:  # a start in progress finishes first
+            if self._closed or not self._started:
+                self._closed = True
+                return
             self._closed = True
-            return
-        self._closed = True
-        self._started = False
+            self._started = False
         timeout = 5.0 if timeout is None else timeout
         self._sink.stop()
         for t in self._threads:
@@ -255,6 +265,8 @@ class AsyncBatchedCollector:
         try:
             while self.total_frames < 0 or self.frames < self.total_frames:
                 td = self._next_trajectory() if self.yield_completed_trajectories else self.next_batch()
+                if td is None:  # another iterator took the last frames
+                    return
                 if bar is not None:
                     bar.update(td.numel())
                 td = self._after_batch(td)
@@ -295,10 +307,10 @@ class AsyncBatchedCollector:
         except BaseException as e:
             self._replay_error = e
 
-    def _take(self, n: int, timeout: float | None) -> list:
-        """Block for ``n`` transitions of the actors; raise the first actor error."""
+    def _take(self, n: int, deadline: float | None, timeout: float | None) -> list:
+        """Block for ``n`` transitions of the actors (the caller is the one consumer); raise the first
+        actor error."""
         sink = self._sink
-        deadline = None if timeout is None else time.monotonic() + timeout
         self._raise_if_broken()  # a failed env stops collection even when data is buffered
         while len(sink.buf) < n:
             self._raise_if_broken()
@@ -315,28 +327,45 @@ class AsyncBatchedCollector:
         return recs
 
     def next_batch(self, timeout: float | None = None) -> Any:
-        """Block for the next ``frames_per_batch`` transitions (fewer for the last batch of a run)."""
+        """Block for the next ``frames_per_batch`` transitions (fewer for the last batch of a run;
+        None once ``total_frames`` are collected). Iterators on other threads share the stream."""
         self._start_actors()
-        n = self.frames_per_batch
-        if self.total_frames >= 0:
-            n = max(1, min(n, self.total_frames - self.frames))
-        td = stack_transitions(self._take(n, timeout), self.obs_key)
-        self.frames += n
-        self.batches += 1
-        return td
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._consuming(deadline, timeout):
+            n = self.frames_per_batch
+            if self.total_frames >= 0:
+                n = min(n, self.total_frames - self.frames)
+                if n <= 0:
+                    return None
+            td = stack_transitions(self._take(n, deadline, timeout), self.obs_key)
+            self.frames += n
+            self.batches += 1
+            return td
 
     def _next_trajectory(self, timeout: float | None = None) -> Any:
         """The next finished episode of any env (transitions of one env, in order)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
         trajs = self._trajs
-        while True:
-            (rec,) = self._take(1, timeout)
-            env_id = rec[0]
-            trajs.setdefault(env_id, []).append(rec)
-            if _done(rec):
-                td = stack_transitions(trajs.pop(env_id), self.obs_key)
-                self.frames += td.numel()
-                self.batches += 1
-                return td
+        with self._consuming(deadline, timeout):
+            while True:
+                (rec,) = self._take(1, deadline, timeout)
+                env_id = rec[0]
+                trajs.setdefault(env_id, []).append(rec)
+                if _done(rec):
+                    td = stack_transitions(trajs.pop(env_id), self.obs_key)
+                    self.frames += td.numel()
+                    self.batches += 1
+                    return td
+
+    @contextlib.contextmanager
+    def _consuming(self, deadline: float | None, timeout: float | None) -> Iterator[None]:
+        """One consumer at a time takes transitions and counts them (several iterators may run)."""
+        if not self._consume_lock.acquire(timeout=-1 if deadline is None else max(0.0, deadline - time.monotonic())):
+            raise TimeoutError(f"no batch within {timeout} s (another iterator is taking one)")
+        try:
+            yield
+        finally:
+            self._consume_lock.release()
 
     def _raise_if_broken(self) -> None:
         err = self._sink.error
@@ -382,7 +411,13 @@ class AsyncBatchedCollector:
                 policy_or_weights = value
         w = policy_or_weights
         if self.weight_sync is not None:
-            if isinstance(w, torch.nn.Module) or w is None:
+            from .weight_sync.foreign import is_foreign_scheme
+
+            if is_foreign_scheme(self.weight_sync):  # torchrl's sender: send(weights=None, worker_ids=None)
+                if isinstance(w, torch.nn.Module):
+                    w = TensorDict.from_module(w).data
+                v = self.weight_sync.send() if w is None else self.weight_sync.send(weights=w)
+            elif isinstance(w, torch.nn.Module) or w is None:
                 v = self.weight_sync.send(model=w)
             else:
                 v = self.weight_sync.send(weights=w)

@@ -30,6 +30,8 @@ _SELECTORS = {
 def torchrl_context(kind: str) -> str | None:
     """The backend a ``torchrl.service_backend(...)`` / ``torchrl.transport_backend(...)`` block sets,
     when torchrl is already imported (rlserve never imports it)."""
+    # torchrl 0.14 offers no public getter for these blocks: this is the one place rlserve reads
+    # torchrl's internals (tests/test_torchrl_parity.py checks it against the real torchrl)
     backends = sys.modules.get("torchrl._comm.backends")
     getter = getattr(backends, f"_get_{kind}_backend", None) if backends is not None else None
     try:
@@ -176,6 +178,35 @@ def transport_kind(transport: Any) -> str:
     if isinstance(transport, ThreadingTransport):
         return "thread"
     return "custom"
+
+
+def check_owner_arguments(backend: str, model: Any, policy_factory: Any, service_backend_options: dict | None,
+                          allowed_options: tuple) -> dict:
+    """torchrl's checks for a process or Ray owner (the policy built where it is served); returns
+    the owner's options."""
+    where = "in the child process" if backend == "process" else "on the Ray actor"
+    if model is not None:
+        raise ValueError(f"service_backend={backend!r} requires policy_factory so the policy is constructed {where}.")
+    if policy_factory is None:
+        raise ValueError(f"policy_factory is required for service_backend={backend!r}.")
+    opts = dict(service_backend_options or {})
+    unknown = sorted(set(opts) - set(allowed_options))
+    if unknown:
+        name = "process" if backend == "process" else "Ray"
+        raise ValueError(f"Unsupported {name} service_backend_options: {unknown}.")
+    return opts
+
+
+def check_server_arguments(server_kwargs: dict) -> None:
+    """The batching and device arguments of a server that is built elsewhere (a child process, a
+    Ray actor), checked here so a mistake raises in the caller, before anything starts."""
+    from .config import resolve_batching, resolve_devices
+
+    batching_keys = ("max_batch_size", "static_batch_size", "min_batch_size", "timeout", "collect_stats",
+                     "stats_window_size")
+    resolve_batching(server_kwargs.get("server_config"), **{k: server_kwargs.get(k) for k in batching_keys})
+    resolve_devices(server_kwargs.get("device_config"), device=server_kwargs.get("device"),
+                    policy_device=server_kwargs.get("policy_device"), output_device=server_kwargs.get("output_device"))
 
 
 def check_num_clients(num_clients: Any) -> int:

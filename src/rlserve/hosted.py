@@ -48,8 +48,8 @@ class HostedServer:
             s["transport"] = usage
         return s
 
-    def update_weights(self, weights: Any, version: int | None = None) -> int:
-        return self.server.update_weights(weights, version)
+    def update_weights(self, weights: Any, version: int | None = None, mark_weight_update: bool = True) -> int:
+        return self.server.update_weights(weights, version, mark_weight_update=mark_weight_update)
 
     def shutdown(self, timeout: float | None = 5.0) -> None:
         self.server.shutdown(timeout)

@@ -24,7 +24,7 @@ import torch
 from tensordict.nn import InteractionType, set_interaction_type
 from tensordict.nn.probabilistic import interaction_type  # not re-exported by tensordict.nn before 0.15
 
-from ._td import TensorDict, TensorDictBase
+from ._td import TensorDict, TensorDictBase, entries
 
 __all__ = [
     "MARKER", "code_of", "mode_of", "caller_code", "stamp", "with_caller_mode", "request_code", "running_as",
@@ -84,7 +84,7 @@ def with_caller_mode(td: Any) -> Any:
     if code is None or not isinstance(td, TensorDictBase):
         return td
     if type(td) is TensorDict:
-        if MARKER in td._tensordict:  # already stamped (a PolicyClientModule's own type wins)
+        if MARKER in entries(td):  # already stamped (a PolicyClientModule's own type wins)
             return td
     elif MARKER in td.keys():
         return td

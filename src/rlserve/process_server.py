@@ -15,6 +15,8 @@ import threading
 import time
 from typing import Any, Callable
 
+import torch
+
 from .errors import ServerClosedError, ServerDeadError
 from .transport import InferenceClient, InferenceTransport
 from .transports.mp import MPTransport
@@ -36,23 +38,23 @@ def _serve(factory, transport, server_kwargs, conn, parent_pid, weights) -> None
         transport.default_spin_us = 100.0  # this process does nothing else: spinning a little is cheap
         hosted = HostedServer(factory, transport, server_kwargs, initial_weights=weights)
     except BaseException as e:
-        conn.send(("err", RuntimeError(repr(e))))
+        conn.send((0, ("err", RuntimeError(repr(e)))))
         return
-    conn.send(("ready", os.getpid()))
+    conn.send((0, ("ready", os.getpid())))
     try:
         while hosted.is_alive and os.getppid() == parent_pid:
             if not conn.poll(0.2):
                 continue
-            cmd, args = conn.recv()
+            seq, cmd, args = conn.recv()
             if cmd == "shutdown":
                 break
-            conn.send(hosted.command(cmd, *args))
+            conn.send((seq, hosted.command(cmd, *args)))  # the number pairs the reply with its command
     except (EOFError, OSError):  # the owner is gone: stop serving
         pass
     finally:
         hosted.shutdown(5.0)
         try:
-            conn.send(("bye", None))
+            conn.send((-1, ("bye", None)))
         except (OSError, EOFError):
             pass
 
@@ -89,7 +91,9 @@ class ProcessServer:
         self._conn = None
         self._lock = threading.Lock()
         self._closed = False
-        self._weights = None  # (weights, version) last sent: a restarted process starts from them
+        self._weights = None  # (private CPU copy, version) last applied: a restarted process starts from them
+        self._seq = 0  # commands are numbered; a reply to one that timed out is recognised and set aside
+        self._late_weights: dict = {}  # seq -> weights of an update whose reply did not come in time
         self._version = int(server_kwargs.get("policy_version", 0))
         self.pid: int | None = None
 
@@ -98,7 +102,7 @@ class ProcessServer:
         if self._proc is not None and self._proc.is_alive() and not self._closed:
             raise RuntimeError("Server is already running.")
         here, there = self._ctx.Pipe()
-        self._conn = here
+        self._conn, self._seq, self._late_weights = here, 0, {}
         self._closed = False
         self.transport.closed_here = False
         self._proc = self._ctx.Process(
@@ -107,7 +111,7 @@ class ProcessServer:
         self._proc.start()
         there.close()
         try:
-            kind, info = self._reply(self._timeout)
+            kind, info = self._reply(0, self._timeout)
         except TimeoutError:
             self.shutdown()
             raise TimeoutError(
@@ -119,31 +123,54 @@ class ProcessServer:
         self.pid = info
         return self
 
-    def _reply(self, timeout: float):
-        """Wait for the server process's answer, noticing if it dies meanwhile."""
-        waited = 0.0
-        while not self._conn.poll(0.2):
-            waited += 0.2
+    def _reply(self, seq: int, timeout: float) -> tuple:
+        """Wait for the server process's reply to command ``seq``, noticing if it dies meanwhile.
+        Replies to earlier commands that timed out are set aside on the way."""
+        deadline = time.monotonic() + timeout
+        while True:
+            if self._conn.poll(max(0.0, min(0.2, deadline - time.monotonic()))):
+                try:
+                    got, msg = self._conn.recv()
+                except (EOFError, OSError):
+                    raise ServerDeadError("the server process died") from None
+                if got == seq:
+                    return msg
+                self._late_reply(got, msg)
+                continue
             if not self._proc.is_alive():
                 raise ServerDeadError(f"the server process died (exit code {self._proc.exitcode})")
-            if waited >= timeout:
+            if time.monotonic() >= deadline:
                 raise TimeoutError(f"the server process did not answer within {timeout} s")
-        try:
-            return self._conn.recv()
-        except (EOFError, OSError):
-            raise ServerDeadError("the server process died") from None
 
-    def _command(self, cmd: str, *args: Any, timeout: float = _CMD_TIMEOUT_S) -> Any:
+    def _late_reply(self, seq: int, msg: tuple) -> None:
+        """The reply to a command that timed out: weights it applied after all become the ones a
+        restarted process starts from."""
+        weights = self._late_weights.pop(seq, None)
+        kind, val = msg
+        if weights is not None and kind == "ok" and val >= self._version:
+            self._weights, self._version = (weights, val), val
+
+    def _command(self, cmd: str, *args: Any, timeout: float = _CMD_TIMEOUT_S, weights: Any = None) -> Any:
+        """Run ``cmd`` in the server process; ``weights``: the private copy an update carries."""
         with self._lock:
             if self._proc is None or self._closed:
                 raise ServerClosedError("the process server is not running")
             if not self._proc.is_alive():
                 raise ServerDeadError(f"the server process died (exit code {self._proc.exitcode})")
+            self._seq += 1
+            seq = self._seq
             try:
-                self._conn.send((cmd, args))
+                self._conn.send((seq, cmd, args))
             except (OSError, EOFError):
                 raise ServerDeadError("the server process died") from None
-            kind, val = self._reply(timeout)
+            try:
+                kind, val = self._reply(seq, timeout)
+            except TimeoutError:
+                if weights is not None:  # it may still be applied: see _late_reply
+                    self._late_weights[seq] = weights
+                raise
+            if kind == "ok" and weights is not None:
+                self._weights, self._version = (weights, val), val
         if kind == "err":
             raise val
         return val
@@ -156,12 +183,20 @@ class ProcessServer:
         """The server's stats, plus ``"transport"``: the slot registry figures."""
         return self._command("stats", reset)
 
-    def update_weights(self, weights: Any, version: int | None = None) -> int:
-        """Send a state dict to the server process; applied between batches. Returns the version
-        answers will carry; ValueError (the old weights keep serving) if they do not fit the model."""
-        v = self._command("update_weights", weights, version)
-        self._weights, self._version = (weights, v), v
-        return v
+    def update_weights(self, weights: Any, version: int | None = None, *, mark_weight_update: bool = True,
+                       timeout: float = _CMD_TIMEOUT_S) -> int:
+        """Send weights (state dict, TensorDict of parameters, or module) to the server process; applied
+        between batches. Returns the version answers will carry (see
+        :meth:`InferenceServer.update_weights <rlserve.InferenceServer.update_weights>`); ValueError
+        (the old weights keep serving) if they do not fit the model.
+
+        A private CPU copy is taken first: it is what travels, and what a
+        restarted process starts from (never the caller's tensors, which may
+        have changed since). An update whose reply times out may still be
+        applied; a later reply is recognised as such.
+        """
+        copy = _private_copy(weights)
+        return self._command("update_weights", copy, version, mark_weight_update, timeout=timeout, weights=copy)
 
     @property
     def policy_version(self) -> int:
@@ -204,11 +239,11 @@ class ProcessServer:
         try:
             if self._proc.is_alive() and self._lock.acquire(timeout=timeout):
                 try:
-                    self._conn.send(("shutdown", ()))
-                    self._conn.poll(max(0.0, deadline - time.monotonic()))
+                    self._conn.send((-1, "shutdown", ()))
+                    self._reply(-1, max(0.0, deadline - time.monotonic()))  # "bye"; late replies on the way
                 finally:
                     self._lock.release()
-        except (OSError, EOFError):
+        except (OSError, EOFError, TimeoutError, ServerDeadError):
             pass
         self._proc.join(max(0.0, deadline - time.monotonic()))
         if self._proc.is_alive():
@@ -234,6 +269,13 @@ class ProcessServer:
             pass
 
 
+def _private_copy(weights: Any) -> dict:
+    """A flat CPU copy of ``weights`` that nothing else writes into."""
+    from .weight_sync.base import flat_weights
+
+    return {k: v.to("cpu", copy=True) if isinstance(v, torch.Tensor) else v for k, v in flat_weights(weights).items()}
+
+
 _PROCESS_OPTIONS = ("mp_context", "startup_timeout")
 
 
@@ -251,14 +293,9 @@ class ProcessInferenceServer(ProcessServer):
     def __init__(self, *, policy_factory: Callable[[], Any], transport: InferenceTransport | None = None,
                  request_spec: Any = None, mp_context: Any = None, startup_timeout: float = 300.0,
                  **server_kwargs: Any):
-        from .config import resolve_batching, resolve_devices
+        from .deploy import check_server_arguments
 
-        batching_keys = ("max_batch_size", "static_batch_size", "min_batch_size", "timeout", "collect_stats",
-                         "stats_window_size")
-        resolve_batching(server_kwargs.get("server_config"), **{k: server_kwargs.get(k) for k in batching_keys})
-        resolve_devices(server_kwargs.get("device_config"), device=server_kwargs.get("device"),
-                        policy_device=server_kwargs.get("policy_device"),
-                        output_device=server_kwargs.get("output_device"))
+        check_server_arguments(server_kwargs)
         if "shutdown_event" in server_kwargs:
             raise TypeError("ProcessInferenceServer() got an unexpected keyword argument 'shutdown_event'")
         if request_spec is not None:
@@ -277,20 +314,12 @@ class ProcessInferenceServer(ProcessServer):
                               response_spec: Any = None, num_clients: int | None = None,
                               **kwargs: Any) -> ProcessInferenceServer:
         """``InferenceServer(..., service_backend="process")``: torchrl's checks, then a ProcessInferenceServer."""
-        from .deploy import make_transport, service_from_context
+        from .deploy import check_owner_arguments, make_transport, service_from_context
 
         tr = make_transport(transport, "process", transport_options=transport_options, request_spec=request_spec,
                             response_spec=response_spec, num_clients=num_clients,
                             service_in_context=service_from_context(service_backend, kwargs.get("server_config")))
-        if model is not None:
-            raise ValueError("service_backend='process' requires policy_factory so the policy is constructed in "
-                             "the child process.")
-        if policy_factory is None:
-            raise ValueError("policy_factory is required for service_backend='process'.")
-        opts = dict(service_backend_options or {})
-        unknown = sorted(set(opts) - set(_PROCESS_OPTIONS))
-        if unknown:
-            raise ValueError(f"Unsupported process service_backend_options: {unknown}.")
+        opts = check_owner_arguments("process", model, policy_factory, service_backend_options, _PROCESS_OPTIONS)
         return cls(policy_factory=policy_factory, transport=tr, request_spec=request_spec, **opts, **kwargs)
 
     @property
@@ -322,8 +351,7 @@ class ProcessInferenceServer(ProcessServer):
                              timeout: float = 300.0) -> dict:
         """Apply ``weights`` (a module, TensorDict of parameters or state dict) in the server process,
         between batches; a restarted process starts from them too."""
-        v = self._command("update_weights", weights, None, timeout=timeout)
-        self._weights, self._version = (weights, v), v
+        self.update_weights(weights, mark_weight_update=mark_weight_update, timeout=timeout)
         return {"accepted": True}
 
     def prepare_cudagraph(self, request_spec: Any = None, *, interaction_type: Any = None) -> None:

@@ -30,30 +30,16 @@ class RayInferenceServer(InferenceServer):
                  service_backend: Any = None, service_backend_options: dict | None = None,
                  transport_options: dict | None = None, response_spec: Any = None, num_clients: int | None = None,
                  shutdown_event: Any = None, name: str = "rlserve-server", **kwargs: Any):
-        from .config import resolve_batching, resolve_devices
-        from .deploy import check_transport_selection
-
-        from .deploy import torchrl_context
+        from .deploy import check_owner_arguments, check_server_arguments, check_transport_selection, torchrl_context
 
         if transport is None:
             transport = torchrl_context("transport") or "auto"
         check_transport_selection(transport, "ray", transport_options, kwargs.get("request_spec"), response_spec)
-        if model is not None:
-            raise ValueError("service_backend='ray' requires policy_factory so the policy is constructed on the Ray actor.")
-        if policy_factory is None:
-            raise ValueError("policy_factory is required for service_backend='ray'.")
-        opts = dict(service_backend_options or {})
-        unknown = sorted(set(opts) - set(_RAY_OPTIONS))
-        if unknown:
-            raise ValueError(f"Unsupported Ray service_backend_options: {unknown}.")
+        opts = check_owner_arguments("ray", model, policy_factory, service_backend_options, _RAY_OPTIONS)
         unknown_kw = sorted(set(kwargs) - set(_SERVER_KEYS))
         if unknown_kw:
             raise TypeError(f"InferenceServer() got an unexpected keyword argument {unknown_kw[0]!r}")
-        batching_keys = ("max_batch_size", "static_batch_size", "min_batch_size", "timeout", "collect_stats",
-                         "stats_window_size")
-        resolve_batching(kwargs.get("server_config"), **{k: kwargs.get(k) for k in batching_keys})
-        resolve_devices(kwargs.get("device_config"), device=kwargs.get("device"),
-                        policy_device=kwargs.get("policy_device"), output_device=kwargs.get("output_device"))
+        check_server_arguments(kwargs)
         try:
             import ray
         except ImportError:
@@ -134,8 +120,9 @@ class RayInferenceServer(InferenceServer):
         pass
 
     def update_model_weights(self, weights: Any, *, mark_weight_update: bool = True) -> int:
-        """Apply ``weights`` in the actor between batches; returns their version."""
-        return self._open().update_weights(weights)
+        """Apply ``weights`` in the actor between batches; returns their version (the same one
+        with ``mark_weight_update=False``)."""
+        return self._open().update_weights(weights, mark_weight_update=mark_weight_update)
 
     def update_policy_weights_(self, model_id: Any = None, policy_or_weights: Any = None, **kwargs: Any) -> int:
         weights = policy_or_weights if policy_or_weights is not None else model_id
@@ -143,8 +130,8 @@ class RayInferenceServer(InferenceServer):
             raise ValueError("Policy weights must be provided.")
         return self.update_model_weights(weights)
 
-    def update_weights(self, weights: Any, version: int | None = None) -> int:
-        return self._open().update_weights(weights, version)
+    def update_weights(self, weights: Any, version: int | None = None, *, mark_weight_update: bool = True) -> int:
+        return self._open().update_weights(weights, version, mark_weight_update=mark_weight_update)
 
     def update_model(self, update_fn: Any, *, mark_weight_update: bool = True) -> Any:
         raise RuntimeError("update_model runs a function on the served model, which lives in a Ray actor here; "

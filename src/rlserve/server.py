@@ -351,14 +351,15 @@ class InferenceServer(ServerAPI):
                 "MPTransport or ProcessServer client instead")
 
     # -- weights ---------------------------------------------------------------
-    def update_weights(self, weights: Any, version: int | None = None) -> int:
+    def update_weights(self, weights: Any, version: int | None = None, *, mark_weight_update: bool = True) -> int:
         """Push new weights (state dict, TensorDict of parameters, or module).
 
         Checked now, on the caller's side (ValueError on missing keys, wrong
         shapes or dtypes; the old weights keep serving), snapshotted so later
         in-place changes by the caller cannot tear them, and applied in place
         between batches. Only the newest pending set is kept. Returns the
-        version answers will carry (``version``, or one past the newest known).
+        version answers will carry: ``version``, or one past the newest known;
+        with ``mark_weight_update=False`` (torchrl's flag) the newest known one.
         """
         from .weight_sync import NoWeightSyncScheme, prepare_weights, snapshot_weights, weights_of
 
@@ -373,12 +374,17 @@ class InferenceServer(ServerAPI):
         with self._weights_lock:
             pending = self._pending_weights
             if version is None:
-                version = max(self.policy_version, pending[1] if pending else 0) + 1
+                version = max(self.policy_version, pending[1] if pending else 0) + int(mark_weight_update)
             self._pending_weights = (target, int(version))
         t = self._thread
         if t is None or not t.is_alive():  # no serving thread that could be mid-forward
             with self._serve_lock:
                 self._apply_weight_updates(from_scheme=False)
+        elif self._serve_lock.acquire(blocking=False):  # not mid-batch: apply now, the version is current on return
+            try:
+                self._apply_weight_updates(from_scheme=False)
+            finally:
+                self._serve_lock.release()
         return int(version)
 
     def _apply_weight_updates(self, from_scheme: bool = True) -> None:
@@ -390,8 +396,9 @@ class InferenceServer(ServerAPI):
                 pending, self._pending_weights = self._pending_weights, None
             if pending is not None:
                 copy_weights_(self.model, pending[0])
+                if pending[1] != self.policy_version:  # an unmarked update (same version) is not counted
+                    self._stats.weight_updates += 1
                 self.policy_version = pending[1]
-                self._stats.weight_updates += 1
         ws = self._receiver
         if ws is not None and from_scheme:
             v = ws.receive()
@@ -440,6 +447,7 @@ class InferenceServer(ServerAPI):
                     ins, cbs, ts = [], [], []  # the runner answers every one of these, whatever happens
                     self._serve_batch(*batch)
                 tr.on_batch_done(n)
+            self._stop = True  # stopped on purpose (shutdown() or the shutdown_event): closed, not dead
         except BaseException as e:  # the loop itself broke: never leave callers waiting
             self._serving = False  # first: a caller must not start a batch while the loop exits
             self._died = e

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from typing import Any
 
 import torch
 from tensordict import TensorDict
@@ -101,11 +102,11 @@ def _loop(n: int, seconds: float, batched: bool, ms: float = 0.0) -> dict:
 
 
 class _ArgmaxOneHot(torch.nn.Module):
-    def forward(self, logits):
+    def forward(self, logits: torch.Tensor) -> torch.Tensor:
         return torch.nn.functional.one_hot(logits.argmax(-1), 2)
 
 
-def torchrl_policy():
+def torchrl_policy() -> torch.nn.Module:
     """An MLP over CartPole's observation writing a one-hot action (GymEnv's action spec)."""
     from tensordict.nn import TensorDictModule
 
@@ -114,7 +115,7 @@ def torchrl_policy():
     return TensorDictModule(net, in_keys=["observation"], out_keys=["action"])
 
 
-def gym_env():
+def gym_env() -> Any:
     """torchrl's GymEnv("CartPole-v1") (a module-level factory: picklable for env processes)."""
     from torchrl.envs import GymEnv
 

@@ -22,7 +22,7 @@ from collections import deque
 
 import torch
 
-from .._td import TensorDict, TensorDictBase
+from .._td import TensorDict, TensorDictBase, entries
 from ..errors import QueueFullError, RequestError, picklable_exception
 from . import _wire as W
 from ._shm import SHM_PREFIX, Bank, Layout, unlink_segment, unlink_token, walk_layout
@@ -30,6 +30,7 @@ from ._shm import SHM_PREFIX, Bank, Layout, unlink_segment, unlink_token, walk_l
 log = logging.getLogger("rlserve")
 _perf = time.perf_counter
 _SWEEP_S = 0.5  # how often idle clients are checked for a dead process
+_CLOSED_NOTICE_S = 0.25  # at shutdown, how long CLOSED is retried to a client whose queue is full
 _LIVE_SIDES: "weakref.WeakSet[ServerSide]" = weakref.WeakSet()
 
 
@@ -372,7 +373,7 @@ class ServerSide:
             vals = [out.get(k, None) for k, _, _ in L.leaves]
         else:  # a learned layout must match exactly: no extra key, no non-tensor entry
             vals = [None] * len(L.leaves)
-            if not walk_layout(out._tensordict, L, vals):
+            if not walk_layout(entries(out), L, vals):
                 return None
         for (_, shape, dtype), v in zip(L.leaves, vals):
             if type(v) is not torch.Tensor or v.dtype != dtype or v.shape[1:] != shape or not v.is_cpu:
@@ -410,13 +411,49 @@ class ServerSide:
         dead = 1 if server is not None and server.died is not None else 0
         self._flush_backlog()
         msg = W.pack(W.CLOSED, dead, 0.0)
-        for c in list(self.clients.values()):
-            self._sendto(c.addr, msg)
+        self._tell_closed(msg)
+        self._refuse_queued(msg)
         self.rsock.close()
         self.ssock.close()
         self._unlink_banks()
         unlink_token(self.token + "_m")  # one-shot payload files nobody will read now
         atexit.unregister(self._atexit)
+
+    def _tell_closed(self, msg: bytes) -> None:
+        """CLOSED to every client. A client whose queue is full is reading it (or will): retry it for a
+        moment, else it would take a clean shutdown for a crash."""
+        addrs = [c.addr for c in self.clients.values()]
+        deadline = time.monotonic() + _CLOSED_NOTICE_S
+        while addrs:
+            full = []
+            for addr in addrs:
+                try:
+                    self.ssock.sendto(msg, addr)
+                except BlockingIOError:
+                    full.append(addr)
+                except OSError:  # the client is gone
+                    pass
+            addrs = full
+            if addrs:
+                if time.monotonic() >= deadline:
+                    return
+                time.sleep(0.001)
+
+    def _refuse_queued(self, msg: bytes) -> None:
+        """Datagrams still queued at shutdown: a registration gets CLOSED (silence would read as a
+        crash); a pickled request's payload file is removed. Registered clients were told already."""
+        while True:
+            try:
+                n, addr = self.rsock.recvfrom_into(self.buf)
+            except OSError:  # empty (BlockingIOError) or closed
+                return
+            if n < W.HLEN:
+                continue
+            kind = W.HEADER.unpack_from(self.buf)[0]
+            if kind == W.REGISTER:
+                self._sendto(addr, msg)
+            elif kind == W.REQ_PICKLE:
+                W.drop_payload(self.view[W.HLEN:n])
 
     def usage(self) -> dict:
         return {

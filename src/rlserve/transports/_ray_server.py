@@ -68,14 +68,14 @@ class _ServerActorImpl:
     def stats(self) -> dict:
         return self._hosted.stats()
 
-    def update_weights(self, boxed, version=None) -> int:
+    def update_weights(self, boxed, version=None, mark_weight_update=True) -> int:
         # boxed: [ObjectRef or weights], so Ray resolves nothing on our behalf
         import ray
 
         w = boxed[0]
         if isinstance(w, ray.ObjectRef):
             w = ray.get(w, timeout=60)
-        return self._hosted.update_weights(w, version)
+        return self._hosted.update_weights(w, version, mark_weight_update)
 
     def shutdown(self) -> None:
         self._hosted.shutdown()

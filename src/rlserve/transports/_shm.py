@@ -20,7 +20,7 @@ import os
 
 import torch
 
-from .._td import TensorDict, new_td
+from .._td import TensorDict, entries, new_td
 
 __all__ = ["Layout", "Bank", "SHM_DIR", "SHM_PREFIX", "unlink_segment", "unlink_token", "walk_layout"]
 
@@ -85,7 +85,7 @@ class Layout:
         if type(td) is not TensorDict:
             return None
         leaves = []
-        if not _dense_leaves(td._tensordict, (), leaves):
+        if not _dense_leaves(entries(td), (), leaves):
             return None
         if drop_leading:
             leaves = [(k, s[1:], d) for k, s, d in leaves]
@@ -120,7 +120,7 @@ class Layout:
         if type(td) is not TensorDict or td.batch_size != self.batch_size:
             return None
         out = [None] * len(self.leaves)
-        if not _walk(td._tensordict, self._tree, out):
+        if not _walk(entries(td), self._tree, out):
             return None
         for (_, shape, dtype), v in zip(self.leaves, out):
             if v.shape != shape or v.dtype != dtype or not v.is_cpu:
@@ -178,7 +178,7 @@ def _dense_leaves(d: dict, prefix: tuple, out: list) -> bool:
     for k, v in d.items():
         key = prefix + (k,)
         if type(v) is TensorDict:
-            if not _dense_leaves(v._tensordict, key, out):
+            if not _dense_leaves(entries(v), key, out):
                 return False
         elif type(v) is not torch.Tensor or v.device.type != "cpu" or v.is_sparse:
             return False
@@ -201,7 +201,7 @@ def _walk(d: dict, tree: dict, out: list) -> bool:
         if v is None:
             return False
         if type(node) is dict:
-            if type(v) is not TensorDict or not _walk(v._tensordict, node, out):
+            if type(v) is not TensorDict or not _walk(entries(v), node, out):
                 return False
         elif type(v) is not torch.Tensor:
             return False

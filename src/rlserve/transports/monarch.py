@@ -192,9 +192,9 @@ def _actor_classes():
             return self._hosted.pid()
 
         @ma.endpoint
-        def update_weights(self, weights, version=None):
+        def update_weights(self, weights, version=None, mark_weight_update=True):
             # bad weights: the caller gets its ValueError, the actor lives on
-            return self._hosted.command("update_weights", weights, version)
+            return self._hosted.command("update_weights", weights, version, mark_weight_update)
 
         @ma.endpoint
         def shutdown(self):
@@ -293,8 +293,10 @@ class MonarchTransport(HostedServerMixin, PortQueueTransport):
         self._need_hosted("stats")
         return self._ref.stats.call_one().get(timeout=timeout)
 
-    def update_weights(self, weights: Any, version: int | None = None, timeout: float = 60.0) -> int:
-        """Hand weights to the Monarch-hosted server; returns the version answers will carry.
+    def update_weights(self, weights: Any, version: int | None = None, timeout: float = 60.0, *,
+                       mark_weight_update: bool = True) -> int:
+        """Hand weights to the Monarch-hosted server; returns the version answers will carry
+        (``mark_weight_update=False``: the current one).
 
         Checked in the server process (ValueError for missing keys or wrong
         shapes; the old weights keep serving). Once this returns, every request
@@ -302,7 +304,7 @@ class MonarchTransport(HostedServerMixin, PortQueueTransport):
         applies them before its next batch.
         """
         self._need_hosted("update_weights")
-        kind, value = self._ref.update_weights.call_one(weights, version).get(timeout=timeout)
+        kind, value = self._ref.update_weights.call_one(weights, version, mark_weight_update).get(timeout=timeout)
         if kind != "ok":
             raise value
         return value

@@ -198,10 +198,13 @@ class RayTransport(HostedServerMixin, InferenceTransport):
         self._need_hosted("stats")
         return _ray().get(self._handle.stats.remote(), timeout=timeout)
 
-    def update_weights(self, weights: Any, version: int | None = None, timeout: float = 60.0) -> int:
-        """Hand weights to the actor-hosted server; applied between batches."""
+    def update_weights(self, weights: Any, version: int | None = None, timeout: float = 60.0, *,
+                       mark_weight_update: bool = True) -> int:
+        """Hand weights to the actor-hosted server; applied between batches (see
+        :meth:`InferenceServer.update_weights <rlserve.InferenceServer.update_weights>`)."""
         self._need_hosted("update_weights")
-        return _ray().get(self._handle.update_weights.remote([weights], version), timeout=timeout)
+        return _ray().get(self._handle.update_weights.remote([weights], version, mark_weight_update),
+                          timeout=timeout)
 
     def shutdown(self, timeout: float = 10.0) -> None:
         """Stop the actor-hosted server (pending requests get ServerClosedError) and end its actor."""

@@ -123,6 +123,11 @@ class ThreadingTransport(InferenceTransport):
                 raise QueueFullError(f"{self.max_pending} requests already pending (max_pending)")
             return
         room = self._room
+        if _context.state.transport is self:  # the serving thread itself: it would wait for its own batch
+            if not room.acquire(blocking=False):
+                raise QueueFullError(f"submit() from inside a batch with {self.max_pending} requests pending: "
+                                     "it cannot wait for room that only this batch frees (raise max_pending)")
+            return
         wait_live(lambda s: room.acquire(timeout=s), self, deadline, accepted=False, on_timeout=lambda: QueueFullError(
             f"no room before the call's timeout: {self.max_pending} requests pending"))
 

@@ -23,6 +23,18 @@ def weights_of(model: Any) -> dict:
     raise TypeError(f"expected an nn.Module or a TensorDict of weights, got {type(model).__name__}")
 
 
+def flat_weights(weights: Any) -> dict:
+    """``weights`` (a state dict, a TensorDict of parameters, or a module) as a flat ``{name: tensor}``
+    of detached tensors (the caller's, not copies)."""
+    if isinstance(weights, torch.nn.Module):
+        return {k: v.detach() for k, v in weights.state_dict().items()}
+    if isinstance(weights, TensorDictBase):
+        return {k: v.detach() for k, v in weights.flatten_keys(".").items()}
+    if isinstance(weights, dict):
+        return {k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in weights.items()}
+    raise TypeError(f"weights must be a state dict, a TensorDict or an nn.Module, got {type(weights).__name__}")
+
+
 def prepare_weights(model: Any, weights: Any) -> dict:
     """Check ``weights`` against ``model`` and return them as a flat ``{name: tensor}``.
 
@@ -31,14 +43,7 @@ def prepare_weights(model: Any, weights: Any) -> dict:
     returned tensors are the caller's (detached, not copied). Raises ValueError naming every missing/unexpected key and every shape or
     dtype mismatch, so bad weights fail on the sender's side.
     """
-    if isinstance(weights, torch.nn.Module):
-        src = {k: v.detach() for k, v in weights.state_dict().items()}
-    elif isinstance(weights, TensorDictBase):
-        src = {k: v.detach() for k, v in weights.flatten_keys(".").items()}
-    elif isinstance(weights, dict):
-        src = {k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in weights.items()}
-    else:
-        raise TypeError(f"weights must be a state dict, a TensorDict or an nn.Module, got {type(weights).__name__}")
+    src = flat_weights(weights)
     live = weights_of(model)
     problems = []
     missing = sorted(set(live) - set(src))
