@@ -87,10 +87,13 @@ def to_tensor(x: Any) -> Any:
 def to_env_action(a: Any) -> Any:
     """What ``env.step`` expects: a Python scalar for 0-d actions, a dict for a TensorDict
     (gymnasium ``Dict`` action spaces), else a numpy array."""
-    if isinstance(a, TensorDictBase):
-        return {k: to_env_action(v) for k, v in a.items()}
-    a = a.detach()
-    return a.item() if a.ndim == 0 else a.cpu().numpy()
+    if type(a) is not torch.Tensor:
+        if isinstance(a, TensorDictBase):
+            return {k: to_env_action(v) for k, v in a.items()}
+        a = torch.as_tensor(a)
+    if a.ndim == 0:
+        return a.item()
+    return (a.detach() if a.requires_grad else a).cpu().numpy()
 
 
 class EnvActor:

@@ -140,15 +140,15 @@ class BatchRunner:
         n = len(ins)
         try:
             batch = self._collate(sig, ins)
+            bs = torch.Size([n, *sig[1]])  # the answers' batch size
             rows = n if self.static is None else self.static  # rows the model sees (padding included)
             t0 = _perf()
-            out = self._forward(batch, sig, rows)
+            out = self._forward(batch, sig, bs if rows == n else torch.Size([rows, *sig[1]]))
             t_fwd = _perf() - t0
             if rows != n:
                 out = _first_rows(out, n, copy=self.graph is not None)
-            out = self._output(out, sig, n, version)
+            out = self._output(out, sig, bs, version)
             if type(out) is dict:  # the direct call's leaves: rows straight from the columns
-                bs = torch.Size([n, *sig[1]])
                 rows = None if self.whole_batches else split_leaves(out, bs, None)
                 if rows is None:
                     out = new_td(out, bs)
@@ -182,22 +182,23 @@ class BatchRunner:
             batch = batch.to(self.device)
         return batch
 
-    def _forward(self, batch: TensorDictBase | dict, sig: tuple, n: int) -> Any:
+    def _forward(self, batch: TensorDictBase | dict, sig: tuple, bs: torch.Size) -> Any:
+        """The model on ``batch`` (``bs``: its batch size), under the callers' interaction type."""
         code = sig[4]
         if code is None:
             code = self.default_code
         if code is None and interaction_type() is None:  # the usual case: no interaction type anywhere
-            return self._call(batch, sig, n)
+            return self._call(batch, bs)
         with running_as(code):  # the callers' interaction type, whatever this thread's is
-            return self._call(batch, sig, n)
+            return self._call(batch, bs)
 
-    def _call(self, batch: TensorDictBase | dict, sig: tuple, n: int) -> Any:
+    def _call(self, batch: TensorDictBase | dict, bs: torch.Size) -> Any:
         if type(batch) is dict:  # the direct call: leaves in, leaves out (shapes checked there)
-            return self.direct(batch, torch.Size([n, *sig[1]]))
+            return self.direct(batch, bs)
         model = self.graph if self.graph is not None else self.model
-        return batched_output(model(batch), n)
+        return batched_output(model(batch), bs[0])
 
-    def _output(self, out: TensorDictBase | dict, sig: tuple, n: int, version: int) -> TensorDictBase | dict:
+    def _output(self, out: TensorDictBase | dict, sig: tuple, bs: torch.Size, version: int) -> TensorDictBase | dict:
         """Move the output where answers go, and stamp its version: the one place answers are stamped."""
         back = self.output_device
         if back is None and self.device is not None:
@@ -207,12 +208,10 @@ class BatchRunner:
             out = {k: v.to(back) for k, v in out.items()} if flat else out.to(back)
         key = self.version_key
         if key is not None:
-            bs = torch.Size([n, *sig[1]]) if flat else out.batch_size
-            column = torch.full(bs, version, dtype=torch.int64, device=back)
             if flat:
-                out[key] = column
+                out[key] = torch.full(bs, version, dtype=torch.int64, device=back)
             else:
-                set_leaf(out, key, column)
+                set_leaf(out, key, torch.full(out.batch_size, version, dtype=torch.int64, device=back))
         return out
 
     def _answer(self, sig, out, rows, cbs: list, ts: list, t_fwd: float, version: int) -> None:
