@@ -173,6 +173,27 @@ def test_env_creation_error():
             next(iter(c2))
 
 
+def test_env_factories_never_run_concurrently():
+    """Env construction is often not thread-safe (torchrl's GymEnv races on lazy imports when
+    many threads build one at once): the collector's actor threads build their envs one at a time."""
+    inside, most = [0], [0]
+    lock = threading.Lock()
+
+    def make():
+        with lock:
+            inside[0] += 1
+            most[0] = max(most[0], inside[0])
+        time.sleep(0.02)  # wide window: concurrent builders would overlap here
+        with lock:
+            inside[0] -= 1
+        return CounterEnv()
+
+    with AsyncBatchedCollector([make] * 8, bias_policy(), 40, 40) as c:
+        frames = sum(b.numel() for b in c)
+    assert frames == 40
+    assert most[0] == 1
+
+
 def test_policy_error_reaches_the_caller():
     def broken(td):
         raise KeyError("the model needs 'pixels'")

@@ -25,6 +25,9 @@ __all__ = ["EnvError", "Sink", "EnvActor"]
 
 _EMPTY = torch.Size([])
 _WAIT_S = 0.2  # period of liveness checks while blocked
+# Env factories run one at a time: building an env is often not thread-safe (torchrl's GymEnv
+# races on lazy imports when 16 threads build one each), and it happens once per env.
+_CREATE_LOCK = threading.Lock()
 
 
 class EnvError(RLServeError):
@@ -147,7 +150,8 @@ class EnvActor:
         sink = self.sink
         try:
             try:
-                env = self.env = self.make_env()
+                with _CREATE_LOCK:
+                    env = self.env = self.make_env()
             except Exception as e:
                 raise EnvError(self.env_id, "create_env_fn()", e) from e
             if is_torchrl_env(env):  # torchrl's EnvBase: its whole step TensorDict goes to the policy
