@@ -194,6 +194,33 @@ def test_env_factories_never_run_concurrently():
     assert most[0] == 1
 
 
+def test_a_hanging_env_factory_holds_no_other_actor_after_shutdown():
+    """Factories take turns; one that hangs must not keep the actors waiting for their turn
+    alive after shutdown (they notice the stop within a liveness period)."""
+    release = threading.Event()
+    first = threading.Lock()
+
+    def make():
+        if first.acquire(blocking=False):  # the first factory to run hangs until released
+            release.wait(30)
+        return CounterEnv()
+
+    c = AsyncBatchedCollector([make] * 3, bias_policy(), 10, -1).start()
+    try:
+        time.sleep(0.3)  # one actor inside the hung factory, two waiting for their turn
+        c.shutdown(timeout=1.0)
+        threads = c._threads  # white-box on purpose: which actor threads are still alive
+        deadline = time.monotonic() + 2.0
+        while sum(t.is_alive() for t in threads) > 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert sum(t.is_alive() for t in threads) == 1  # only the one inside the hung factory
+    finally:
+        release.set()
+    for t in threads:
+        t.join(5)
+    assert not any(t.is_alive() for t in threads)
+
+
 def test_policy_error_reaches_the_caller():
     def broken(td):
         raise KeyError("the model needs 'pixels'")

@@ -149,11 +149,15 @@ class EnvActor:
     def run(self) -> None:
         sink = self.sink
         try:
+            while not _CREATE_LOCK.acquire(timeout=_WAIT_S):  # another env is being built
+                if sink.stopped:  # stopped meanwhile (e.g. that factory hangs): build nothing
+                    return
             try:
-                with _CREATE_LOCK:
-                    env = self.env = self.make_env()
+                env = self.env = self.make_env()
             except Exception as e:
                 raise EnvError(self.env_id, "create_env_fn()", e) from e
+            finally:
+                _CREATE_LOCK.release()
             if is_torchrl_env(env):  # torchrl's EnvBase: its whole step TensorDict goes to the policy
                 TorchRLEnvLoop(self).run(env)
                 return
