@@ -214,6 +214,9 @@ def test_a_hanging_env_factory_holds_no_other_actor_after_shutdown():
         while sum(t.is_alive() for t in threads) > 1 and time.monotonic() < deadline:
             time.sleep(0.05)
         assert sum(t.is_alive() for t in threads) == 1  # only the one inside the hung factory
+        # the turn is this collector's: another collector builds its envs meanwhile
+        with AsyncBatchedCollector([CounterEnv] * 2, bias_policy(), 10, 10) as other:
+            assert other.next_batch(timeout=5).numel() == 10
     finally:
         release.set()
     for t in threads:
@@ -522,3 +525,20 @@ def test_seed_state_dict_and_restart_after_shutdown():
     d = AsyncBatchedCollector(make_cartpole, policy=cartpole_policy(), frames_per_batch=10, total_frames=30)
     d.load_state_dict(c.state_dict())
     assert d.frames == 30 and list(d) == []
+
+
+def test_env_actions_as_the_env_expects_them():
+    """Unit test of the collector's action conversion (internal on purpose): tensors become Python
+    scalars or numpy arrays, TensorDicts dicts, non-tensor data passes through unchanged."""
+    import numpy as np
+    from tensordict import NonTensorData
+
+    from rlserve._env_actor import to_env_action
+
+    assert to_env_action(torch.tensor(3)) == 3 and type(to_env_action(torch.tensor(3))) is int
+    w = torch.ones(2, requires_grad=True) * 2
+    assert isinstance(to_env_action(w), np.ndarray) and to_env_action(w).tolist() == [2.0, 2.0]
+    td = TensorDict(a=torch.tensor(1), nested=TensorDict(b=torch.zeros(2)), s=NonTensorData("left"))
+    out = to_env_action(td)
+    assert out["a"] == 1 and out["nested"]["b"].tolist() == [0.0, 0.0] and out["s"] == "left"
+    assert to_env_action("left") == "left" and to_env_action(np.int64(2)) == 2

@@ -25,9 +25,6 @@ __all__ = ["EnvError", "Sink", "EnvActor"]
 
 _EMPTY = torch.Size([])
 _WAIT_S = 0.2  # period of liveness checks while blocked
-# Env factories run one at a time: building an env is often not thread-safe (torchrl's GymEnv
-# races on lazy imports when 16 threads build one each), and it happens once per env.
-_CREATE_LOCK = threading.Lock()
 
 
 class EnvError(RLServeError):
@@ -88,23 +85,28 @@ def to_tensor(x: Any) -> Any:
 
 
 def to_env_action(a: Any) -> Any:
-    """What ``env.step`` expects: a Python scalar for 0-d actions, a dict for a TensorDict
-    (gymnasium ``Dict`` action spaces), else a numpy array."""
-    if type(a) is not torch.Tensor:
-        if isinstance(a, TensorDictBase):
-            return {k: to_env_action(v) for k, v in a.items()}
-        a = torch.as_tensor(a)
-    if a.ndim == 0:
-        return a.item()
-    return (a.detach() if a.requires_grad else a).cpu().numpy()
+    """What ``env.step`` expects: a Python scalar for a 0-d tensor, a numpy array for
+    other tensors, a dict for a TensorDict (gymnasium ``Dict`` action spaces); anything
+    else (non-tensor data, numpy arrays, Python values) as the policy produced it."""
+    if type(a) is torch.Tensor or isinstance(a, torch.Tensor):
+        if a.ndim == 0:
+            return a.item()
+        return (a.detach() if a.requires_grad else a).cpu().numpy()
+    if isinstance(a, TensorDictBase):
+        return {k: to_env_action(a[k]) for k in a.keys()}  # a[k]: non-tensor leaves unwrapped
+    return a
 
 
 class EnvActor:
     """Target of one actor thread: step env ``env_id`` until the sink stops."""
 
     def __init__(self, env_id, make_env, client, sink: Sink, *, seed=None, obs_key="observation",
-                 action_key="action", timeout=None):
+                 action_key="action", timeout=None, create_lock: Any = None):
         self.env_id = env_id
+        # Shared by one collector's actor threads: their env factories run one at a time (as
+        # torchrl builds its envs), since building an env is often not thread-safe (torchrl's
+        # GymEnv races on lazy imports when 16 threads build one each). None: no turn to wait for.
+        self.create_lock = create_lock
         self.make_env = make_env
         self.client = client
         self.sink = sink
@@ -149,15 +151,21 @@ class EnvActor:
     def run(self) -> None:
         sink = self.sink
         try:
-            while not _CREATE_LOCK.acquire(timeout=_WAIT_S):  # another env is being built
-                if sink.stopped:  # stopped meanwhile (e.g. that factory hangs): build nothing
+            lock = self.create_lock
+            if lock is not None:
+                while not lock.acquire(timeout=_WAIT_S):  # another env of this collector is being built
+                    if sink.stopped:  # stopped meanwhile (e.g. that factory hangs): build nothing
+                        return
+                if sink.stopped:
+                    lock.release()
                     return
             try:
                 env = self.env = self.make_env()
             except Exception as e:
                 raise EnvError(self.env_id, "create_env_fn()", e) from e
             finally:
-                _CREATE_LOCK.release()
+                if lock is not None:
+                    lock.release()
             if is_torchrl_env(env):  # torchrl's EnvBase: its whole step TensorDict goes to the policy
                 TorchRLEnvLoop(self).run(env)
                 return

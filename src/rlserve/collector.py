@@ -203,9 +203,11 @@ class AsyncBatchedCollector:
                 self.create_env_fns, client, self._sink, seed=self.seed, obs_key=self.obs_key,
                 action_key=self.action_key, timeout=self.request_timeout, mp_context=self.mp_context))
             return
+        create_lock = threading.Lock()  # this collector's env factories run one at a time
         for i, fn in enumerate(self.create_env_fns):
             actor = EnvActor(i, fn, client, self._sink, seed=None if self.seed is None else self.seed + i,
-                             obs_key=self.obs_key, action_key=self.action_key, timeout=self.request_timeout)
+                             obs_key=self.obs_key, action_key=self.action_key, timeout=self.request_timeout,
+                             create_lock=create_lock)
             t = threading.Thread(target=actor.run, name=f"rlserve-env-{i}", daemon=True)
             self._threads.append(t)
             t.start()
