@@ -156,10 +156,9 @@ class EnvActor:
                 while not lock.acquire(timeout=_WAIT_S):  # another env of this collector is being built
                     if sink.stopped:  # stopped meanwhile (e.g. that factory hangs): build nothing
                         return
-                if sink.stopped:
-                    lock.release()
-                    return
             try:
+                if sink.stopped:  # stopped before this actor's turn came: build nothing
+                    return
                 env = self.env = self.make_env()
             except Exception as e:
                 raise EnvError(self.env_id, "create_env_fn()", e) from e
